@@ -1,0 +1,1 @@
+"""NoNN distillation pipeline: data, Lightning modules, losses, stages, command line and tracking."""

@@ -1,0 +1,194 @@
+"""Configs: built-in defaults, a YAML profile on top, dotted command-line overrides on top of that.
+
+Every key a profile or override may set is in :data:`DEFAULTS`; anything else is refused with the
+file (or option) that named it, so a typo never silently does nothing.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "name": "nonn",              # run name: W&B group and default run folder name
+    "seed": 0,
+    "run_dir": None,             # default: runs/<name>
+    "data": {
+        "dataset": "fashion_mnist",  # fashion_mnist | cifar10 | cifar100 | synthetic
+        "data_dir": None,            # where the files are / go; default: the dataset's standard place
+        "download": True,            # fetch the official files (checksummed) when none are found
+        "val_size": 5000,            # images held out of the training set, seeded split
+        "train_subset": None,        # use only this many training images (quick profiles)
+        "test_subset": None,
+        "batch_size": 128,
+        "eval_batch_size": 512,
+        "crop_padding": 2,           # random crop with this much zero padding; 0 = off
+        "hflip": True,
+        "synthetic": {"train_size": 512, "test_size": 256, "image_size": 16, "channels": 1,
+                      "num_classes": 4},
+    },
+    "trainer": {
+        "accelerator": "auto",
+        "devices": 1,
+        "precision": "32-true",      # e.g. bf16-mixed where the hardware is fast at it
+        "channels_last": True,
+        "num_threads": None,         # torch CPU threads; default: torch's choice
+        "limit_train_batches": None,  # cap batches per epoch (tests, quick profiles)
+        "limit_val_batches": None,
+        "progress_bar": True,
+    },
+    "teacher": {
+        "arch": "wrn_16_2",
+        "epochs": 30,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5.0e-4,
+        "nesterov": True,
+        "schedule": "cosine",        # cosine | step
+        "milestones": [0.5, 0.75],   # step schedule: fractions of the run at which lr drops 10x
+    },
+    "partition": {
+        "num_students": 2,
+        "pooling": "mean",           # mean | max
+        "edge_rule": "activation_hub",  # activation_hub | coactivation | pearson
+        "top_k": 50,
+        "percentile": 99.0,
+        "resolution": 0.7,
+        "mode": "balanced",          # balanced | prototype | random | contiguous
+        "capacities": None,          # relative device capacities, one per student (balanced mode)
+        "split_largest": False,      # prototype mode: split the largest group when K is too large
+        "max_images": None,          # cap on validation images read
+    },
+    "distill": {
+        "students": ["wrn_10_1"],    # one name for all students, or one per student
+        "epochs": 30,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5.0e-4,
+        "nesterov": True,
+        "schedule": "cosine",
+        "milestones": [0.5, 0.75],
+        "losses": {                  # name -> options; see distill/losses.py for the registry
+            "kd": {"alpha": 0.9, "temperature": 4.0},
+            "at_paper": {"beta": 1000.0},
+        },
+        "student_dropout": 0.0,      # probability of dropping each student's vector in training
+        "partition": "filter_graph",  # filter_graph | none (single student without NoNN partition)
+    },
+    "export": {
+        "transport": "fp32",         # fp32 | fp16 | int8: how device vectors travel
+        "int8_weights": False,       # dynamic int8 weight quantisation with ONNX Runtime
+        "opset": 17,
+    },
+    "evaluate": {
+        "max_failure_subsets": 32,   # beyond K <= 4, this many random subsets per failure count
+    },
+    "wandb": {
+        "mode": "auto",              # auto (online with an API key, else offline) | online | offline | disabled
+        "project": "nonn",
+        "entity": None,
+    },
+}
+
+# Keys whose value is an open mapping (any sub-keys allowed).
+OPEN_KEYS = {"distill.losses"}
+
+
+class ConfigError(ValueError):
+    """A config file or override names something that does not exist or has the wrong type."""
+
+
+def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"{source}: unknown config key '{dotted}'; known keys here: "
+                              f"{', '.join(base) or '(none)'}")
+        if isinstance(base[key], dict) and dotted not in OPEN_KEYS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{dotted}' must be a mapping, got {value!r}")
+            _merge(base[key], value, source, dotted + ".")
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Turn ``['--distill.epochs', '3', '--data.hflip=false']`` into a nested dict (values as YAML)."""
+    nested: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"override '{arg}': expected --section.key VALUE")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '{arg}' has no value; write {arg} VALUE")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        node = nested
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return nested
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """Defaults, then the YAML file, then the overrides; returns the resolved config."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pick one from configs/ "
+                              "(e.g. configs/fashion_mnist/quick.yaml)")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        _merge(config, loaded, str(path))
+    if overrides:
+        _merge(config, parse_overrides(overrides), "command-line override")
+    validate(config)
+    return config
+
+
+def validate(config: dict) -> None:
+    choices = {
+        ("data", "dataset"): ("fashion_mnist", "cifar10", "cifar100", "synthetic"),
+        ("teacher", "schedule"): ("cosine", "step"),
+        ("distill", "schedule"): ("cosine", "step"),
+        ("partition", "pooling"): ("mean", "max"),
+        ("partition", "edge_rule"): ("activation_hub", "coactivation", "pearson"),
+        ("partition", "mode"): ("balanced", "prototype", "random", "contiguous"),
+        ("distill", "partition"): ("filter_graph", "none"),
+        ("export", "transport"): ("fp32", "fp16", "int8"),
+        ("wandb", "mode"): ("auto", "online", "offline", "disabled"),
+    }
+    for (section, key), allowed in choices.items():
+        if config[section][key] not in allowed:
+            raise ConfigError(f"{section}.{key} = {config[section][key]!r}; choose one of {', '.join(allowed)}")
+    positive = [("teacher", "epochs"), ("distill", "epochs"), ("data", "batch_size"),
+                ("partition", "num_students"), ("partition", "top_k")]
+    for section, key in positive:
+        value = config[section][key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{section}.{key} must be a positive integer, got {value!r}")
+    if not 0.0 <= float(config["distill"]["student_dropout"]) < 1.0:
+        raise ConfigError("distill.student_dropout must be in [0, 1)")
+    if isinstance(config["distill"]["students"], str):
+        config["distill"]["students"] = [config["distill"]["students"]]
+
+
+def run_dir_of(config: dict) -> Path:
+    return Path(config["run_dir"] or Path("runs") / config["name"])
+
+
+def dump_config(config: dict) -> str:
+    return yaml.safe_dump(config, sort_keys=False)

@@ -1,0 +1,110 @@
+"""In-memory data modules: whole splits as uint8 tensors, batches augmented with tensor ops.
+
+On a 2-core machine per-image Python workers would starve the model; here one batch costs a few
+vectorised tensor operations (see benchmarks/README.md for loader vs training-step throughput).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytorch_lightning as pl
+import torch
+
+from distill.datasets import RawSplits, load_raw
+
+
+def augment_batch(x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, per image, for a whole batch."""
+    n, c, h, w = x.shape
+    if padding > 0:
+        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)
+        rows = (dy + torch.arange(h)).view(n, 1, h, 1)
+        cols = (dx + torch.arange(w)).view(n, 1, 1, w)
+        x = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
+    if hflip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+    return x
+
+
+class TensorBatches:
+    """An iterable of (images in [0, 1], labels) batches over tensors held in memory."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
+                 padding: int = 0, hflip: bool = False, seed: int = 0, drop_last: bool = False) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.padding, self.hflip = padding, hflip
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.labels), generator=g) if self.shuffle else None
+        augment = self.padding > 0 or self.hflip
+        for b in range(len(self)):
+            idx = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            if order is not None:
+                idx = order[idx]
+            x = self.images[idx].float().div_(255.0)
+            if augment:
+                x = augment_batch(x, self.padding, self.hflip, g)
+            yield x, self.labels[idx]
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Train / validation (seeded split of the training set) / test, for every dataset we support."""
+
+    def __init__(self, data_cfg: dict, seed: int) -> None:
+        super().__init__()
+        self.cfg, self.seed = data_cfg, seed
+        self.raw: RawSplits | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.raw is not None:
+            return
+        raw = load_raw(self.cfg, self.seed)
+        n = len(raw.train_labels)
+        val_size = int(self.cfg["val_size"])
+        if not 0 < val_size < n:
+            raise ValueError(f"data.val_size = {val_size} must be between 1 and {n - 1} (training set size - 1)")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        val_idx, train_idx = order[:val_size], order[val_size:]
+        if self.cfg["train_subset"]:
+            train_idx = train_idx[: int(self.cfg["train_subset"])]
+        self.train = (raw.train_images[train_idx], raw.train_labels[train_idx])
+        self.val = (raw.train_images[val_idx], raw.train_labels[val_idx])
+        test_n = self.cfg["test_subset"] or len(raw.test_labels)
+        self.test = (raw.test_images[:test_n], raw.test_labels[:test_n])
+        pixels = self.train[0].float().div(255.0)
+        self.mean = pixels.mean(dim=(0, 2, 3)).tolist()
+        self.std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+        self.raw = raw
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.raw.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.raw.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.raw.train_images.shape[1:])
+
+    def train_dataloader(self) -> TensorBatches:
+        return TensorBatches(*self.train, self.cfg["batch_size"], shuffle=True, padding=self.cfg["crop_padding"],
+                             hflip=self.cfg["hflip"], seed=self.seed, drop_last=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return TensorBatches(*self.val, self.cfg["eval_batch_size"])
+
+    def test_dataloader(self) -> TensorBatches:
+        return TensorBatches(*self.test, self.cfg["eval_batch_size"])

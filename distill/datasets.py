@@ -1,0 +1,190 @@
+"""Readers for the raw dataset files, with checksummed downloads for users who are online.
+
+Each loader returns uint8 image tensors [N, C, H, W] and int64 labels; nothing here depends on
+torchvision (which has no CPU build on our target machines).
+"""
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.io import atomic_path, sha256_file
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_FILES = {  # official files and their sha256
+    "train_images": ("train-images-idx3-ubyte.gz", "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
+    "train_labels": ("train-labels-idx1-ubyte.gz", "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"),
+    "test_images": ("t10k-images-idx3-ubyte.gz", "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
+    "test_labels": ("t10k-labels-idx1-ubyte.gz", "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
+}
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot"]
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
+CIFAR_ARCHIVES = {  # name -> (tarball, sha256, folder inside, label key, train members, test member, meta)
+    "cifar10": ("cifar-10-python.tar.gz", "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+                "cifar-10-batches-py", b"labels", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
+                ("batches.meta", b"label_names")),
+    "cifar100": ("cifar-100-python.tar.gz", "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
+                 "cifar-100-python", b"fine_labels", ["train"], "test", ("meta", b"fine_label_names")),
+}
+
+
+class DataError(RuntimeError):
+    """Dataset files are missing, corrupt or fail their checksum."""
+
+
+@dataclass
+class RawSplits:
+    train_images: torch.Tensor  # uint8 [N, C, H, W]
+    train_labels: torch.Tensor  # int64 [N]
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    class_names: list[str]
+
+
+def download(url: str, dest: Path, sha256: str) -> Path:
+    """Fetch ``url`` to ``dest`` (atomically) and refuse it unless its sha256 matches."""
+    print(f"downloading {url} -> {dest}")
+    try:
+        with atomic_path(dest) as tmp:
+            urllib.request.urlretrieve(url, tmp)
+            got = sha256_file(tmp)
+            if got != sha256:
+                raise DataError(f"{url}: sha256 {got} does not match the expected {sha256}; "
+                                "the download is corrupt or the file changed upstream")
+    except OSError as e:
+        raise DataError(f"could not download {url} ({e}); put the file in {dest.parent} by hand") from e
+    return dest
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzipped or not): unsigned-byte tensors as in (Fashion-)MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: unreadable IDX file ({e}); delete it and fetch it again") from e
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise DataError(f"{path}: IDX header says {shape} but holds {body.size} bytes; the file is truncated")
+    return body.reshape(shape)
+
+
+def _find_fashion_mnist(data_dir: Path | None, allow_download: bool) -> dict[str, Path]:
+    candidates = [d for d in (data_dir, FASHION_MNIST_SYSTEM_DIR) if d is not None]
+    for folder in candidates:
+        paths = {key: folder / name for key, (name, _) in FASHION_MNIST_FILES.items()}
+        if all(p.exists() for p in paths.values()):
+            return paths
+    target = data_dir or Path("data/fashion_mnist")
+    if not allow_download:
+        raise DataError(f"Fashion-MNIST files not found in {' or '.join(map(str, candidates))}; install them "
+                        "with 'apt-get install dataset-fashion-mnist', or set data.download: true")
+    paths = {}
+    for key, (name, sha) in FASHION_MNIST_FILES.items():
+        dest = target / name
+        if not dest.exists():
+            try:
+                download(FASHION_MNIST_URL + name, dest, sha)
+            except DataError as e:
+                raise DataError(f"Fashion-MNIST not found locally and the download failed: {e}; install "
+                                "'apt-get install dataset-fashion-mnist' or set data.data_dir") from e
+        paths[key] = dest
+    return paths
+
+
+def load_fashion_mnist(data_dir: Path | None, allow_download: bool) -> RawSplits:
+    paths = _find_fashion_mnist(data_dir, allow_download)
+    arrays = {key: read_idx(p) for key, p in paths.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{paths[split + '_images']}: {split} images {images.shape} and labels "
+                            f"{labels.shape} do not match")
+    return RawSplits(torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1),
+                     torch.from_numpy(arrays["train_labels"].astype(np.int64)),
+                     torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1),
+                     torch.from_numpy(arrays["test_labels"].astype(np.int64)),
+                     list(FASHION_MNIST_CLASSES))
+
+
+def load_cifar(name: str, data_dir: Path | None, allow_download: bool) -> RawSplits:
+    """CIFAR-10/100 from the official python tarball (extracted folder or .tar.gz)."""
+    tarball, sha, folder, label_key, train_members, test_member, (meta_member, names_key) = CIFAR_ARCHIVES[name]
+    root = data_dir or Path("data") / name
+    archive = root / tarball
+    if not (root / folder).is_dir() and not archive.exists():
+        if not allow_download:
+            raise DataError(f"{name}: neither {root / folder} nor {archive} exists; download {CIFAR_URL + tarball} "
+                            "there or set data.download: true")
+        download(CIFAR_URL + tarball, archive, sha)
+
+    def unpickle(member: str) -> dict:
+        path = root / folder / member
+        try:
+            if path.exists():
+                with open(path, "rb") as f:
+                    return pickle.load(f, encoding="bytes")
+            with tarfile.open(archive, "r:gz") as tar:
+                handle = tar.extractfile(f"{folder}/{member}")
+                if handle is None:
+                    raise KeyError(member)
+                return pickle.load(handle, encoding="bytes")
+        except (OSError, KeyError, EOFError, pickle.UnpicklingError, tarfile.TarError) as e:
+            raise DataError(f"{archive if not path.exists() else path}: cannot read '{member}' ({e}); "
+                            "the archive is incomplete or corrupt") from e
+
+    def split(members: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = [unpickle(m) for m in members]
+        images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+        return torch.from_numpy(images), torch.from_numpy(labels)
+
+    train_x, train_y = split(train_members)
+    test_x, test_y = split([test_member])
+    names = [n.decode() for n in unpickle(meta_member)[names_key]]
+    return RawSplits(train_x, train_y, test_x, test_y, names)
+
+
+def make_synthetic(train_size: int, test_size: int, image_size: int, channels: int, num_classes: int,
+                   seed: int) -> RawSplits:
+    """Learnable toy images: each class is a fixed random blob pattern plus noise (tests, demos)."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.rand(num_classes, channels, image_size // 4, image_size // 4, generator=g)
+    templates = torch.nn.functional.interpolate(templates, size=(image_size, image_size), mode="bilinear")
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, num_classes, (n,), generator=g)
+        noisy = templates[labels] + 0.25 * torch.randn(n, channels, image_size, image_size, generator=g)
+        return (noisy.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+    train_x, train_y = draw(train_size)
+    test_x, test_y = draw(test_size)
+    return RawSplits(train_x, train_y, test_x, test_y, [f"class_{i}" for i in range(num_classes)])
+
+
+def load_raw(data_cfg: dict, seed: int) -> RawSplits:
+    data_dir = Path(data_cfg["data_dir"]).expanduser() if data_cfg["data_dir"] else None
+    name = data_cfg["dataset"]
+    if name == "fashion_mnist":
+        return load_fashion_mnist(data_dir, data_cfg["download"])
+    if name in CIFAR_ARCHIVES:
+        return load_cifar(name, data_dir, data_cfg["download"])
+    if name == "synthetic":
+        return make_synthetic(seed=seed, **data_cfg["synthetic"])
+    raise DataError(f"data.dataset: unknown dataset {name!r}")
