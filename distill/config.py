@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "teacher": {
         "arch": "wrn_16_2",
+        "checkpoint": None,          # use this trained teacher (a best.ckpt) instead of training one
         "epochs": 30,
         "lr": 0.1,
         "momentum": 0.9,
@@ -75,7 +76,6 @@ DEFAULTS: dict[str, Any] = {
             "at_paper": {"beta": 1000.0},
         },
         "student_dropout": 0.0,      # probability of dropping each student's vector in training
-        "partition": "filter_graph",  # filter_graph | none (single student without NoNN partition)
     },
     "export": {
         "transport": "fp32",         # fp32 | fp16 | int8: how device vectors travel
@@ -138,21 +138,30 @@ def parse_overrides(args: list[str]) -> dict:
     return nested
 
 
+def _merge_file(config: dict, path: Path, seen: tuple[Path, ...] = ()) -> None:
+    """Merge a YAML profile into ``config``; ``base: other.yaml`` (relative to it) is merged first."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pick one from configs/ "
+                          "(e.g. configs/fashion_mnist/quick.yaml)")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' files include each other in a loop")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = loaded.pop("base", None)
+    if base is not None:
+        _merge_file(config, path.parent / base, (*seen, path.resolve()))
+    _merge(config, loaded, str(path))
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> dict:
-    """Defaults, then the YAML file, then the overrides; returns the resolved config."""
+    """Defaults, then the YAML file (and its ``base`` chain), then the overrides: the resolved config."""
     config = copy.deepcopy(DEFAULTS)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found; pick one from configs/ "
-                              "(e.g. configs/fashion_mnist/quick.yaml)")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        _merge(config, loaded, str(path))
+        _merge_file(config, Path(path))
     if overrides:
         _merge(config, parse_overrides(overrides), "command-line override")
     validate(config)
@@ -167,7 +176,6 @@ def validate(config: dict) -> None:
         ("partition", "pooling"): ("mean", "max"),
         ("partition", "edge_rule"): ("activation_hub", "coactivation", "pearson"),
         ("partition", "mode"): ("balanced", "prototype", "random", "contiguous"),
-        ("distill", "partition"): ("filter_graph", "none"),
         ("export", "transport"): ("fp32", "fp16", "int8"),
         ("wandb", "mode"): ("auto", "online", "offline", "disabled"),
     }

@@ -1,0 +1,52 @@
+"""``nonn`` command line: one subcommand per stage, and ``run`` for all of them in order."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from distill.config import ConfigError, load_config, run_dir_of
+from distill.stages import STAGES, Context, run_stage
+
+COMMANDS = {"run": "all stages in order, then print report.md",
+            "teacher": "train the teacher",
+            "partition": "teacher activations -> filter graph -> K partitions",
+            "distill": "train the K students jointly",
+            "export": "write the per-device bundle",
+            "evaluate": "report.json / report.md from the exported bundle"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nonn", description="NoNN: distil one network into K cooperating "
+                                     "students, one per device.",
+                                     epilog="Any --section.key VALUE after the options overrides the config, "
+                                     "e.g. --distill.epochs 3 --wandb.mode disabled.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", type=Path, default=None,
+                       help="YAML profile, e.g. configs/fashion_mnist/quick.yaml (default: built-in defaults)")
+        p.add_argument("--run-dir", type=Path, default=None, help="run folder (default: runs/<name>)")
+        p.add_argument("--force", action="store_true", help="redo the stage(s) even if up to date")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"nonn: error: {e}", file=sys.stderr)
+        return 2
+    if args.run_dir is not None:
+        config["run_dir"] = str(args.run_dir)
+    ctx = Context(config, run_dir_of(config), force=args.force)
+    try:
+        for stage in STAGES if args.command == "run" else (args.command,):
+            run_stage(ctx, stage)
+    except (ValueError, RuntimeError, FileNotFoundError, OSError) as e:
+        print(f"nonn: error: {e}", file=sys.stderr)
+        return 1
+    if args.command in ("run", "evaluate"):
+        print((ctx.run_dir / "report.md").read_text())
+    return 0

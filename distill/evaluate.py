@@ -1,0 +1,149 @@
+"""``nonn evaluate``: accuracy of the teacher and of the exported bundle, size, compute, bytes sent,
+and accuracy when devices fail. Writes ``report.json``, ``report.md`` and ``failures.png``."""
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from distill.io import atomic_path, read_json, write_json_atomic, write_text_atomic
+from distill.report import render_markdown
+from students.complexity import count_macs, count_params, weight_bytes
+from students.model_parallel import split_layerwise
+
+if TYPE_CHECKING:
+    from distill.stages import Context
+    from distill.tracking import Tracker
+
+
+@torch.no_grad()
+def batched(fn, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    return torch.cat([fn(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def failure_subsets(num_devices: int, max_random: int, seed: int) -> list[tuple[int, ...]]:
+    """Every subset of failed devices (at least one device left) for K <= 4, random ones beyond."""
+    subsets: list[tuple[int, ...]] = [()]
+    rng = random.Random(seed)
+    for count in range(1, num_devices):
+        combos = list(itertools.combinations(range(num_devices), count))
+        if num_devices > 4 and len(combos) > max_random:
+            combos = sorted(rng.sample(combos, max_random))
+        subsets += combos
+    return subsets
+
+
+def bundle_vectors(bundle, images: torch.Tensor, batch_size: int = 500) -> list[np.ndarray]:
+    parts = [bundle.device_vectors(images[i:i + batch_size].numpy()) for i in range(0, len(images), batch_size)]
+    return [np.concatenate(per_device) for per_device in zip(*parts)]
+
+
+def evaluate_run(ctx: "Context", tracker: "Tracker") -> dict:
+    from distill.stages import load_student, mark_done
+    from students.bundle import Bundle
+
+    dm = ctx.datamodule()
+    student, teacher, partition = load_student(ctx, dm)
+    images, labels = dm.test[0].float().div(255.0), dm.test[1]
+    teacher_pred = batched(teacher, images).argmax(1)
+    torch_logits = batched(student, images)
+
+    export_dir = ctx.run_dir / "export"
+    manifest = read_json(export_dir / "manifest.json", "export manifest")
+    bundle = Bundle.load(export_dir)
+    vectors = bundle_vectors(bundle, images)
+    onnx_logits = torch.from_numpy(np.asarray(bundle.aggregate(vectors), dtype=np.float32))
+    onnx_pred = onnx_logits.argmax(1)
+
+    num_devices = len(manifest["devices"])
+    failures = []
+    for missing in failure_subsets(num_devices, ctx.config["evaluate"]["max_failure_subsets"], ctx.config["seed"]):
+        kept = [None if i in missing else v for i, v in enumerate(vectors)]
+        pred = torch.from_numpy(np.asarray(bundle.aggregate(kept))).argmax(1)
+        failures.append({"missing": list(missing), "accuracy": _acc(pred, labels)})
+
+    shape = dm.image_shape
+    teacher_info = {"arch": ctx.config["teacher"]["arch"], "params": count_params(teacher),
+                    "weight_bytes": weight_bytes(teacher), "macs": count_macs(teacher, shape),
+                    "feature_map_bytes": teacher.feature_channels * int(np.prod(
+                        _map_size(teacher, shape))) * 4}
+    devices = [{k: d[k] for k in ("name", "output_width", "params", "weight_bytes", "macs",
+                                  "bytes_sent_per_inference")} | {"arch": arch}
+               for d, arch in zip(manifest["devices"], _device_archs(ctx, num_devices))]
+    aggregator = {k: manifest["aggregator"][k] for k in ("params", "weight_bytes", "macs")}
+    report = {
+        "run": ctx.config["name"], "dataset": ctx.config["data"]["dataset"], "test_images": len(labels),
+        "teacher": teacher_info | {"test_acc": _acc(teacher_pred, labels)},
+        "nonn": {
+            "num_students": num_devices, "partition_mode": ctx.config["partition"]["mode"],
+            "partition_sizes": partition["sizes"], "transport": manifest["transport"]["dtype"],
+            "test_acc_bundle": _acc(onnx_pred, labels), "test_acc_pytorch": _acc(torch_logits.argmax(1), labels),
+            "bundle_agreement": float((onnx_pred == torch_logits.argmax(1)).float().mean()),
+            "bundle_max_logit_diff": float((onnx_logits - torch_logits).abs().max()),
+            "devices": devices, "aggregator": aggregator,
+            "max_device_params": max(d["params"] for d in devices),
+            "max_device_macs": max(d["macs"] for d in devices),
+            "total_bytes_sent": sum(d["bytes_sent_per_inference"] for d in devices),
+        },
+        "model_parallel": [vars(s) for s in split_layerwise(teacher, num_devices, shape)],
+        "failures": failures,
+    }
+    n = report["nonn"]
+    n["compression_vs_teacher"] = teacher_info["params"] / n["max_device_params"]
+    n["macs_reduction_vs_teacher"] = teacher_info["macs"] / n["max_device_macs"]
+
+    write_json_atomic(ctx.run_dir / "report.json", report)
+    write_text_atomic(ctx.run_dir / "report.md", render_markdown(report))
+    plot_failures(failures, num_devices, ctx.run_dir / "failures.png")
+    tracker.summary({"teacher/test_acc": report["teacher"]["test_acc"], "nonn/test_acc": n["test_acc_bundle"]})
+    tracker.log_image("evaluate/failures", ctx.run_dir / "failures.png")
+    outputs = [ctx.run_dir / "report.json", ctx.run_dir / "report.md"]
+    results = {"teacher_test_acc": report["teacher"]["test_acc"], "nonn_test_acc": n["test_acc_bundle"]}
+    mark_done(ctx, "evaluate", outputs, results)
+    return results
+
+
+def _acc(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((pred == labels).float().mean())
+
+
+def _map_size(model, shape) -> tuple[int, int]:
+    with torch.no_grad():
+        return tuple(model.forward_features(torch.zeros(1, *shape)).shape[-2:])
+
+
+def _device_archs(ctx: "Context", k: int) -> list[str]:
+    archs = ctx.config["distill"]["students"]
+    return archs * k if len(archs) == 1 else archs
+
+
+def plot_failures(failures: list[dict], num_devices: int, path: Path) -> None:
+    """Accuracy against the number of failed devices: mean over subsets, with min-max range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_count: dict[int, list[float]] = {}
+    for f in failures:
+        by_count.setdefault(len(f["missing"]), []).append(f["accuracy"])
+    counts = sorted(by_count)
+    means = [float(np.mean(by_count[c])) for c in counts]
+    lows = [m - min(by_count[c]) for c, m in zip(counts, means)]
+    highs = [max(by_count[c]) - m for c, m in zip(counts, means)]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.errorbar(counts, means, yerr=[lows, highs], marker="o", capsize=4)
+    ax.set_xlabel(f"failed devices (of {num_devices})")
+    ax.set_ylabel("test accuracy")
+    ax.set_xticks(counts)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title("NoNN accuracy under device failures")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,139 @@
+"""Lightning modules: the teacher classifier and the jointly trained NoNN students."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from distill.losses import DistillBatch, build_losses
+from students.networks import FeatureClassifier
+from students.unified import UnifiedStudent
+
+
+class _SupervisedModule(pl.LightningModule):
+    """What both stages share: SGD + schedule from a config section, channels_last inputs, accuracy."""
+
+    def __init__(self, optim_cfg: dict, num_classes: int, channels_last: bool) -> None:
+        super().__init__()
+        self.optim_cfg = optim_cfg
+        self.channels_last = channels_last
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def configure_optimizers(self):
+        c = self.optim_cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"],
+                              nesterov=c["nesterov"] and c["momentum"] > 0)
+        epochs = self.trainer.max_epochs
+        if c["schedule"] == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        else:
+            milestones = sorted({max(1, round(f * epochs)) for f in c["milestones"]})
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class TeacherModule(_SupervisedModule):
+    """Cross-entropy training of any registry architecture."""
+
+    def __init__(self, model: FeatureClassifier, optim_cfg: dict, num_classes: int, channels_last: bool = True) -> None:
+        super().__init__(optim_cfg, num_classes, channels_last)
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self._input(x))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        self.val_acc(self(x), y)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self(x), y)
+        self.log("test/acc", self.test_acc)
+
+
+class NoNNModule(_SupervisedModule):
+    """K students + shared classifier trained jointly against a frozen teacher."""
+
+    def __init__(self, teacher: FeatureClassifier, student: UnifiedStudent, partitions: Sequence[Sequence[int]],
+                 losses: dict, optim_cfg: dict, num_classes: int, student_dropout: float = 0.0,
+                 channels_last: bool = True) -> None:
+        super().__init__(optim_cfg, num_classes, channels_last)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student
+        self.losses = build_losses(losses)
+        self.student_dropout = float(student_dropout)
+        for i, p in enumerate(partitions):
+            self.register_buffer(f"partition_{i}", torch.tensor(list(p), dtype=torch.long), persistent=False)
+        self.num_students = len(partitions)
+        self.solo_acc = torch.nn.ModuleList(MulticlassAccuracy(num_classes, average="micro")
+                                            for _ in range(self.num_students))
+
+    @property
+    def partitions(self) -> list[torch.Tensor]:
+        return [getattr(self, f"partition_{i}") for i in range(self.num_students)]
+
+    def train(self, mode: bool = True) -> "NoNNModule":
+        super().train(mode)
+        self.teacher.eval()  # the teacher's BN statistics never move
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(self._input(x))
+
+    def _teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            fmap = self.teacher.forward_features(x)
+            logits = self.teacher.fc(fmap.mean(dim=(2, 3)))
+        return fmap.clone(), logits.clone()  # clones are ordinary tensors that autograd may save
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        x = self._input(x)
+        teacher_map, teacher_logits = self._teacher_outputs(x)
+        maps = self.student.forward_maps(x)
+        drop = None
+        if self.student_dropout > 0:
+            drop = torch.rand(x.shape[0], self.num_students, device=x.device) < self.student_dropout
+        logits = self.student.logits_from_maps(maps, drop)
+        b = DistillBatch(logits, teacher_logits, maps, teacher_map, self.partitions, y)
+        parts = {name: loss(b) for name, loss in self.losses.items()}
+        total = torch.stack(list(parts.values())).sum()
+        self.log_dict({f"train/{k}": v for k, v in parts.items()})
+        self.log("train/loss", total, prog_bar=True)
+        return total
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        z = torch.cat([d(self._input(x)) for d in self.student.devices], dim=1)
+        agg = self.student.aggregator
+        self.val_acc(agg(z), y)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+        everyone = range(self.num_students)
+        for i, metric in enumerate(self.solo_acc):
+            metric(agg(agg.fill_missing(z, [j for j in everyone if j != i])), y)
+            self.log(f"val/acc_only_student_{i}", metric)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self(x), y)
+        self.log("test/acc", self.test_acc)

@@ -1,0 +1,22 @@
+"""Shared fixtures: a tiny synthetic config and a run folder per test."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from distill.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"
+
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> dict:
+    """The synthetic profile, seeded, writing into this test's own run folder."""
+    config = load_config(TINY)
+    config["run_dir"] = str(tmp_path / "run")
+    return config

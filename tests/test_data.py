@@ -1,0 +1,46 @@
+import torch
+
+from distill.data import ImageDataModule, TensorBatches, augment_batch
+
+
+def test_split_is_seeded_and_disjoint(tiny_config):
+    cfg = tiny_config["data"]
+    a, b = ImageDataModule(cfg, seed=0), ImageDataModule(cfg, seed=0)
+    a.setup(), b.setup()
+    assert torch.equal(a.val[0], b.val[0]) and torch.equal(a.train[1], b.train[1])
+    assert len(a.val[1]) == cfg["val_size"] and len(a.train[1]) == cfg["synthetic"]["train_size"] - cfg["val_size"]
+    train_rows = {tuple(x.flatten().tolist()) for x in a.train[0]}
+    assert not any(tuple(x.flatten().tolist()) in train_rows for x in a.val[0])
+    c = ImageDataModule(cfg, seed=1)
+    c.setup()
+    assert not torch.equal(a.val[0], c.val[0])
+
+
+def test_batches_cover_the_split_in_order_and_shuffle_per_epoch():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    labels = torch.arange(10)
+    ordered = TensorBatches(images, labels, batch_size=4)
+    assert len(ordered) == 3 and torch.cat([y for _, y in ordered]).tolist() == list(range(10))
+    x, _ = next(iter(ordered))
+    assert x.dtype == torch.float32 and float(x.max()) <= 1.0
+    shuffled = TensorBatches(images, labels, batch_size=4, shuffle=True, drop_last=True, seed=3)
+    first, second = [torch.cat([y for _, y in shuffled]).tolist() for _ in range(2)]
+    assert len(first) == 8 and first != second and len(set(first)) == 8
+
+
+def test_augment_crops_and_flips_each_image_independently():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 8, 8)
+    out = augment_batch(x, padding=2, hflip=True, generator=g)
+    assert out.shape == x.shape
+    same = [torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1)) for i in range(64)]
+    assert 0 < sum(same) < 64, "some images keep their position, most are shifted"
+    unshifted = augment_batch(x, padding=0, hflip=True, generator=g)
+    assert all(torch.equal(unshifted[i], x[i]) or torch.equal(unshifted[i], x[i].flip(-1)) for i in range(64))
+
+
+def test_normalisation_stats_come_from_the_training_split(tiny_config):
+    dm = ImageDataModule(tiny_config["data"], seed=0)
+    dm.setup()
+    pixels = dm.train[0].float() / 255
+    assert abs(dm.mean[0] - float(pixels.mean())) < 1e-5 and abs(dm.std[0] - float(pixels.std())) < 1e-4
