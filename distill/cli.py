@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from distill.config import ConfigError, load_config, run_dir_of
@@ -31,7 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_known_noise() -> None:
+    """Lightning warnings that are expected here (the frozen teacher is in eval mode on purpose)."""
+    for pattern in (r".*module\(s\) in eval mode at the start of training", r".*isinstance\(treespec, LeafSpec\)",
+                    r".*Checkpoint directory .* exists and is not empty", r".*is smaller than the logging interval"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_noise()
     args, overrides = build_parser().parse_known_args(argv)
     try:
         config = load_config(args.config, overrides)

@@ -80,7 +80,7 @@ def evaluate_run(ctx: "Context", tracker: "Tracker") -> dict:
         "teacher": teacher_info | {"test_acc": _acc(teacher_pred, labels)},
         "nonn": {
             "num_students": num_devices, "partition_mode": ctx.config["partition"]["mode"],
-            "partition_sizes": partition["sizes"], "transport": manifest["transport"]["dtype"],
+            "partition_sizes": partition["sizes"], "transport": manifest["transport"]["name"],
             "test_acc_bundle": _acc(onnx_pred, labels), "test_acc_pytorch": _acc(torch_logits.argmax(1), labels),
             "bundle_agreement": float((onnx_pred == torch_logits.argmax(1)).float().mean()),
             "bundle_max_logit_diff": float((onnx_logits - torch_logits).abs().max()),

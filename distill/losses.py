@@ -55,7 +55,7 @@ def attention_map(fmap: torch.Tensor) -> torch.Tensor:
 class AttentionTransferPaper(nn.Module):
     """NoNN paper form: beta * sum_i mean_n || F(S_i) - F(T[P_i]) ||^2, one attention map per student."""
 
-    def __init__(self, beta: float = 1000.0) -> None:
+    def __init__(self, beta: float = 10.0) -> None:
         super().__init__()
         self.beta = float(beta)
 

@@ -7,7 +7,7 @@ def _kb(n: float) -> str:
 
 
 def _m(n: float) -> str:
-    return f"{n / 1e6:.2f} M"
+    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
 
 
 def render_markdown(r: dict) -> str:

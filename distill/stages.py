@@ -70,7 +70,7 @@ def fingerprint(ctx: Context, stage: str) -> str:
     upstream = UPSTREAM[stage]
     if upstream is not None:
         record = _read_record(ctx, upstream)
-        parts["upstream"] = record["outputs"] if record else None
+        parts["upstream"] = {k: record[k] for k in ("outputs", "results")} if record else None
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -90,6 +90,8 @@ def _read_record(ctx: Context, stage: str) -> dict | None:
 
 
 def is_done(ctx: Context, stage: str) -> bool:
+    if stage == "teacher" and ctx.config["teacher"]["checkpoint"]:
+        return False  # a teacher trained elsewhere is re-checked (and re-hashed) every time: it is cheap
     record = _read_record(ctx, stage)
     if record is None or record.get("fingerprint") != fingerprint(ctx, stage):
         return False

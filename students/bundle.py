@@ -1,0 +1,177 @@
+"""Run an exported NoNN bundle with ONNX Runtime alone: no torch, no project code.
+
+This file depends only on the standard library, numpy and (lazily) onnxruntime, so it can be copied
+onto a device by itself. Every file is checked against the manifest's sha256 before anything is
+loaded: a bundle that was modified after export is refused rather than silently giving other answers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+FORMAT = "nonn-bundle"
+TRANSPORTS = {"fp32": "float32", "fp16": "float16", "int8": "uint8"}  # transport name -> dtype on the wire
+
+
+class BundleError(ValueError):
+    """The bundle is missing, malformed or was changed after export."""
+
+
+def read_manifest(path: str | Path) -> tuple[Path, dict]:
+    """Bundle folder and its manifest, after checking the schema and every listed file's sha256."""
+    root = Path(path)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: no manifest.json; is this an export folder?")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{manifest_path}: unreadable manifest ({e}); re-export the bundle") from e
+    if manifest.get("format") != FORMAT or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(f"{manifest_path}: format {manifest.get('format')!r} schema "
+                          f"{manifest.get('schema_version')!r}, this loader reads {FORMAT!r} schema {SCHEMA_VERSION}")
+    try:
+        for part in parts(manifest):
+            _verify_part(root, part)
+    except KeyError as e:
+        raise BundleError(f"{manifest_path}: manifest lacks the entry {e}; re-export the bundle") from e
+    return root, manifest
+
+
+def parts(manifest: dict) -> list[dict]:
+    """The devices in manifest order, then the aggregator."""
+    return [*manifest["devices"], manifest["aggregator"]]
+
+
+def _verify_part(root: Path, part: dict) -> None:
+    unlisted = set(part["files"].values()) - set(part["sha256"])
+    if unlisted:
+        raise BundleError(f"{sorted(unlisted)[0]}: no sha256 in the manifest; re-export the bundle")
+    for rel, expected in part["sha256"].items():
+        file = root / rel
+        if not file.is_file():
+            raise BundleError(f"{rel}: missing (the manifest lists it); the bundle is incomplete — re-export it")
+        actual = _sha256(file)
+        if actual != expected:
+            raise BundleError(f"{rel}: sha256 mismatch (manifest says {expected}, file is {actual}); "
+                              "the bundle was modified — re-export it")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fill_vectors(manifest: dict) -> list[np.ndarray]:
+    """Per device, what stands in for a failed device: its slice of the training mean, encoded for transport.
+
+    Encoded exactly as the device graph encodes: a cast, or round(v / scale) clipped to [0, 255].
+    """
+    transport = manifest["transport"]
+    mean = np.asarray(manifest["aggregator"]["feature_mean"], dtype=np.float32)
+    bounds = np.cumsum([0] + [d["output_width"] for d in manifest["devices"]])
+    fills = []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        v = mean[a:b]
+        if transport["dtype"] == "uint8":
+            v = np.clip(np.round(v / np.float32(transport["scales"][i])), 0, 255)
+        fills.append(v.astype(transport["dtype"]))
+    return fills
+
+
+def check_missing(missing: Sequence[int], num_devices: int) -> list[int]:
+    bad = [i for i in missing if not 0 <= i < num_devices]
+    if bad:
+        raise ValueError(f"missing devices {bad} out of range: the bundle has devices 0..{num_devices - 1}")
+    return sorted(set(missing))
+
+
+class Bundle:
+    """One ONNX Runtime session per device and one for the aggregator; ``predict`` runs them all."""
+
+    def __init__(self, root: Path, manifest: dict, device_sessions: list[Any], aggregator_session: Any,
+                 model_files: list[str]) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.device_sessions = device_sessions
+        self.aggregator_session = aggregator_session
+        self.model_files = model_files  # what each session loaded, devices then aggregator
+        self.fills = fill_vectors(manifest)
+        self.transport_dtype = np.dtype(manifest["transport"]["dtype"])
+
+    @classmethod
+    def load(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
+             use_int8: bool = False) -> "Bundle":
+        """Verify and load a bundle. ``use_int8`` takes each model's int8-weight file where export wrote one."""
+        import onnxruntime as ort
+
+        root, manifest = read_manifest(path)
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        files = [p["files"]["onnx_int8"] if use_int8 and "onnx_int8" in p["files"] else p["files"]["onnx"]
+                 for p in parts(manifest)]
+        sessions = [ort.InferenceSession(str(root / f), sess_options=options,
+                                         providers=list(providers or ["CPUExecutionProvider"])) for f in files]
+        return cls(root, manifest, sessions[:-1], sessions[-1], files)
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.device_sessions)
+
+    def device_vectors(self, images: np.ndarray) -> list[np.ndarray]:
+        """Each device's transported vector for ``images`` (float32 in [0, 1], [N, C, H, W])."""
+        images = self._check_images(images)
+        return [self._run_device(i, images) for i in range(self.num_devices)]
+
+    def aggregate(self, vectors: Sequence[np.ndarray | None], batch_size: int | None = None) -> np.ndarray:
+        """Logits from the devices' vectors; None marks a failed device, replaced by its training mean.
+
+        ``batch_size`` is needed only when every device failed.
+        """
+        if len(vectors) != self.num_devices:
+            raise ValueError(f"{len(vectors)} vectors for a bundle of {self.num_devices} devices")
+        n = next((len(v) for v in vectors if v is not None), batch_size)
+        if n is None:
+            raise ValueError("every device is missing: pass batch_size to get the fallback logits")
+        columns = [np.broadcast_to(self.fills[i], (n, self.fills[i].size)) if v is None else self._check_vector(i, v)
+                   for i, v in enumerate(vectors)]
+        return self.aggregator_session.run(None, {"features": np.ascontiguousarray(np.concatenate(columns, 1))})[0]
+
+    def predict(self, images: np.ndarray, missing: Sequence[int] = ()) -> np.ndarray:
+        """Logits as the deployed system computes them; devices in ``missing`` are not run (simulated failure)."""
+        images = self._check_images(images)
+        skip = check_missing(missing, self.num_devices)
+        vectors = [None if i in skip else self._run_device(i, images) for i in range(self.num_devices)]
+        return self.aggregate(vectors, batch_size=len(images))
+
+    def predict_batches(self, images: np.ndarray, batch_size: int = 256, missing: Sequence[int] = ()) -> np.ndarray:
+        """``predict`` over a large array in chunks, to bound memory."""
+        chunks = [self.predict(images[i:i + batch_size], missing) for i in range(0, len(images), batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.manifest["num_classes"]), np.float32)
+
+    def _run_device(self, i: int, images: np.ndarray) -> np.ndarray:
+        return self.device_sessions[i].run(None, {"images": images})[0]
+
+    def _check_images(self, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        shape = self.manifest["input"]["shape"]
+        if images.ndim != 4 or list(images.shape[1:]) != shape:
+            raise ValueError(f"images have shape {list(images.shape)}, the bundle takes "
+                             f"[N, {', '.join(map(str, shape))}] float32 in [0, 1]")
+        return images
+
+    def _check_vector(self, i: int, v: np.ndarray) -> np.ndarray:
+        width = self.fills[i].size
+        if v.dtype != self.transport_dtype or v.ndim != 2 or v.shape[1] != width:
+            raise ValueError(f"device_{i} vector is {v.dtype} {list(v.shape)}, "
+                             f"expected {self.transport_dtype} [N, {width}]")
+        return v

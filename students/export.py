@@ -1,0 +1,258 @@
+"""Per-device export bundle: one ONNX + TorchScript model per device and for the aggregator, plus a manifest.
+
+Each device model ends in the transport encoding (fp32, fp16 cast, or uint8 quantisation with a
+per-device scale), and the aggregator starts with the matching decoding, so what crosses the network
+is exactly what the graphs produce and a device needs no code of ours. The bundle is built in a
+temporary folder and moved onto ``out_dir`` only when complete, so a failed export never leaves a
+half-written bundle or destroys the previous one. ``students.bundle`` loads the result.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from distill.io import sha256_file, write_json_atomic
+from students.bundle import FORMAT, SCHEMA_VERSION, TRANSPORTS
+from students.complexity import count_macs, count_params, weight_bytes
+from students.unified import Aggregator, DeviceStudent, UnifiedStudent
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
+_VERIFY_TOLERANCE = {"float32": (1e-3, 1e-4), "float16": (2e-3, 2e-3), "uint8": (0.0, 1.0)}  # (rtol, atol)
+
+
+class DeviceExport(nn.Module):
+    """A device followed by its transport encoding; uint8 is round(v / scale) clipped to [0, 255]."""
+
+    def __init__(self, device: DeviceStudent, dtype: str, scale: float | None) -> None:
+        super().__init__()
+        self.device = device
+        self.dtype = dtype
+        self.register_buffer("scale", torch.tensor(1.0 if scale is None else scale, dtype=torch.float32))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.device(images)
+        if self.dtype == "uint8":
+            return torch.clamp(torch.round(v / self.scale), 0, 255).to(torch.uint8)
+        return v.to(_TORCH_DTYPES[self.dtype])
+
+
+class AggregatorExport(nn.Module):
+    """Decodes the concatenated transported vectors to float32, then applies the aggregator's linear layer."""
+
+    def __init__(self, aggregator: Aggregator, dtype: str, scales: Sequence[float] | None) -> None:
+        super().__init__()
+        self.fc = aggregator.fc
+        self.dtype = dtype
+        per_feature = torch.ones(sum(aggregator.widths)) if scales is None else torch.repeat_interleave(
+            torch.tensor(scales, dtype=torch.float32), torch.tensor(aggregator.widths))
+        self.register_buffer("scale", per_feature)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        z = features.to(torch.float32)
+        return self.fc(z * self.scale if self.dtype == "uint8" else z)
+
+
+def export_bundle(model: UnifiedStudent, out_dir: Path, *, image_shape: tuple[int, int, int],
+                  class_names: list[str], partitions: list[list[int]], calibration_images: torch.Tensor,
+                  transport: str = "fp32", int8_weights: bool = False, opset: int = 17,
+                  extra: dict | None = None) -> dict:
+    """Export ``model`` as a bundle in ``out_dir`` (replacing any earlier one only on success); returns the manifest.
+
+    ``calibration_images`` (float32 in [0, 1], [N, *image_shape]) set the int8 scales and check that
+    every exported graph reproduces the PyTorch model. ``extra`` adds top-level manifest entries.
+    """
+    _check_inputs(model, image_shape, class_names, partitions, calibration_images, transport)
+    dtype = TRANSPORTS[transport]
+    model = copy.deepcopy(model).cpu().eval()  # the caller's model keeps its device and training mode
+    images = calibration_images.detach().to("cpu", torch.float32)
+    with _building(Path(out_dir)) as tmp:
+        scales = _int8_scales(model, images) if dtype == "uint8" else None
+        encoders = [DeviceExport(d, dtype, None if scales is None else scales[i]).eval()
+                    for i, d in enumerate(model.devices)]
+        devices = [_export_device(e, f"device_{i}", tmp, partitions[i], image_shape, images, opset, int8_weights)
+                   for i, e in enumerate(encoders)]
+        with torch.no_grad():
+            features = torch.cat([e(images) for e in encoders], dim=1)
+        aggregator = _export_aggregator(model.aggregator, tmp, dtype, scales, features, opset, int8_weights)
+        manifest = {
+            "schema_version": SCHEMA_VERSION, "format": FORMAT,
+            "class_names": list(class_names), "num_classes": len(class_names),
+            "input": _input_spec(image_shape),
+            "transport": _transport_spec(transport, dtype, scales),
+            "devices": devices, "aggregator": aggregator,
+        }
+        clash = sorted(set(extra or {}) & set(manifest))
+        if clash:
+            raise ValueError(f"extra manifest entries {clash} would overwrite the bundle's own; rename them")
+        manifest.update(extra or {})
+        write_json_atomic(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def _check_inputs(model: UnifiedStudent, image_shape: tuple[int, int, int], class_names: list[str],
+                  partitions: list[list[int]], calibration_images: torch.Tensor, transport: str) -> None:
+    """Fail before writing anything, with one line that says what does not fit."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}; choose one of: {', '.join(TRANSPORTS)}")
+    widths = [d.out_channels for d in model.devices]
+    if [len(p) for p in partitions] != widths:
+        raise ValueError(f"partition sizes {[len(p) for p in partitions]} do not match the student widths {widths}")
+    if len(class_names) != model.aggregator.fc.out_features:
+        raise ValueError(f"{len(class_names)} class names for a model with {model.aggregator.fc.out_features} classes")
+    if calibration_images.ndim != 4 or tuple(calibration_images.shape[1:]) != tuple(image_shape):
+        raise ValueError(f"calibration images have shape {list(calibration_images.shape)}, "
+                         f"expected [N, {', '.join(map(str, image_shape))}]")
+
+
+@contextlib.contextmanager
+def _building(out_dir: Path) -> Iterator[Path]:
+    """Yield a fresh folder beside ``out_dir``; on success swap it in (old bundle moved away, then deleted)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield tmp
+        _swap_in(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(new: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        os.rename(new, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    os.rename(out_dir, old / "bundle")
+    try:
+        os.rename(new, out_dir)
+    except OSError:
+        os.rename(old / "bundle", out_dir)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@torch.no_grad()
+def _int8_scales(model: UnifiedStudent, images: torch.Tensor) -> list[float]:
+    """Per device: largest calibration activation / 255 (zero point 0: the vectors are ReLU means, >= 0).
+
+    The device's slice of ``feature_mean`` counts too, so the vector that stands in for a failed device is not clipped.
+    """
+    means = model.aggregator.feature_mean
+    peaks = [max(float(d(images).max()), float(means[span].max()))
+             for d, span in zip(model.devices, model.aggregator.slices())]
+    return [p / 255 if p > 0 else 1.0 / 255 for p in peaks]
+
+
+def _export_device(wrapper: DeviceExport, name: str, root: Path, teacher_filters: list[int],
+                   image_shape: tuple[int, int, int], images: torch.Tensor, opset: int, int8_weights: bool) -> dict:
+    device = wrapper.device
+    files = _export_part(wrapper, root, name, images, ("images", "features"), opset, int8_weights)
+    return {"name": name, **files, "input": _input_spec(image_shape), "teacher_filters": list(teacher_filters),
+            "output_width": device.out_channels, "output_dtype": wrapper.dtype,
+            "params": count_params(device), "weight_bytes": weight_bytes(device),
+            "macs": count_macs(device, image_shape),
+            "bytes_sent_per_inference": device.out_channels * np.dtype(wrapper.dtype).itemsize}
+
+
+def _export_aggregator(aggregator: Aggregator, root: Path, dtype: str, scales: list[float] | None,
+                       features: torch.Tensor, opset: int, int8_weights: bool) -> dict:
+    """``features``: the devices' transported calibration vectors, concatenated (the aggregator's real input)."""
+    wrapper = AggregatorExport(aggregator, dtype, scales).eval()
+    files = _export_part(wrapper, root, "aggregator", features, ("features", "logits"), opset, int8_weights)
+    width = sum(aggregator.widths)
+    return {**files, "input_width": width, "input_dtype": dtype, "widths": list(aggregator.widths),
+            "feature_mean": aggregator.feature_mean.tolist(), "params": count_params(aggregator.fc),
+            "weight_bytes": weight_bytes(aggregator.fc), "macs": count_macs(aggregator.fc, (width,))}
+
+
+def _export_part(wrapper: nn.Module, root: Path, name: str, example: torch.Tensor, io_names: tuple[str, str],
+                 opset: int, int8_weights: bool) -> dict:
+    """Write ``name/model.onnx`` (checked against PyTorch on all of ``example``), ``model.ts`` and optionally
+    ``model.int8.onnx``. Tracing needs only two rows (the batch axis stays dynamic), which keeps export fast.
+    """
+    (root / name).mkdir()
+    files = {"onnx": f"{name}/model.onnx", "torchscript": f"{name}/model.ts"}
+    with torch.no_grad():
+        expected = wrapper(example).numpy()
+    export_onnx(wrapper, example[:2], root / files["onnx"], io_names, opset)
+    _verify_onnx(root / files["onnx"], example.numpy(), expected, io_names[0])
+    _export_torchscript(wrapper, example[:2], root / files["torchscript"])
+    extra: dict[str, Any] = {}
+    if int8_weights:
+        error = _quantize_weights(root / files["onnx"], root / f"{name}/model.int8.onnx", example.numpy(), io_names[0])
+        if error is None:
+            files["onnx_int8"] = f"{name}/model.int8.onnx"
+        else:
+            extra["onnx_int8_error"] = error
+    return {"files": files, "sha256": {rel: sha256_file(root / rel) for rel in files.values()}, **extra}
+
+
+def export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, io_names: tuple[str, str], opset: int) -> None:
+    """Legacy (TorchScript-based) ONNX export with a dynamic batch axis on the one input and output."""
+    with warnings.catch_warnings():
+        # The legacy exporter is deprecated, and tracing fixes the resize branch to the exported image size.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(wrapper, (example,), str(path), input_names=[io_names[0]], output_names=[io_names[1]],
+                          dynamic_axes={io_names[0]: {0: "batch"}, io_names[1]: {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+
+
+def _export_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.jit.trace(wrapper, (example,)).save(str(path))
+
+
+def _run_onnx(path: Path, inputs: np.ndarray, input_name: str) -> np.ndarray:
+    """One check run; a single thread, since thread start-up and spinning would cost more than the run itself."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return session.run(None, {input_name: inputs})[0]
+
+
+def _verify_onnx(path: Path, inputs: np.ndarray, expected: np.ndarray, input_name: str) -> None:
+    """Refuse an ONNX graph that does not reproduce the PyTorch module (uint8 may differ by one step)."""
+    got = _run_onnx(path, inputs, input_name)
+    rtol, atol = _VERIFY_TOLERANCE[str(expected.dtype)]
+    if got.dtype != expected.dtype or not np.allclose(got.astype(np.float64), expected.astype(np.float64),
+                                                      rtol=rtol, atol=atol):
+        diff = np.abs(got.astype(np.float64) - expected.astype(np.float64)).max()
+        raise RuntimeError(f"{path.parent.name}/{path.name}: ONNX Runtime output ({got.dtype}) differs from "
+                           f"PyTorch ({expected.dtype}) by up to {diff:.3g}; the export is wrong, not written")
+
+
+def _quantize_weights(src: Path, dst: Path, example: np.ndarray, input_name: str) -> str | None:
+    """Dynamic int8 weight quantisation; returns why it failed (model not written) instead of raising."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        _run_onnx(dst, example, input_name)
+    except Exception as e:  # noqa: BLE001 - any failure only means "no int8 file", recorded in the manifest
+        dst.unlink(missing_ok=True)
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+def _input_spec(image_shape: tuple[int, int, int]) -> dict:
+    return {"shape": list(image_shape), "dtype": "float32", "range": [0.0, 1.0], "layout": "NCHW"}
+
+
+def _transport_spec(transport: str, dtype: str, scales: list[float] | None) -> dict:
+    spec: dict[str, Any] = {"name": transport, "dtype": dtype}
+    if scales is not None:
+        spec.update(scales=scales, zero_point=0)
+    return spec

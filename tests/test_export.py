@@ -1,0 +1,234 @@
+"""Export bundle: the ONNX / TorchScript loaders reproduce the PyTorch model, and a changed bundle is refused."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from students.bundle import Bundle, BundleError
+from students.bundle_torch import TorchBundle
+from students.export import export_bundle
+from students.unified import UnifiedStudent
+
+IMAGE_SHAPE = (1, 16, 16)
+WIDTHS = [5, 7]
+PARTITIONS = [[0, 3, 4, 8, 9], [1, 2, 5, 6, 7, 10, 11]]
+CLASSES = ["a", "b", "c", "d"]
+BYTES_PER_NUMBER = {"fp32": 4, "fp16": 2, "int8": 1}
+
+
+def _perturb_batchnorm(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Trained-looking BN statistics, so that an export that ignores them (train mode) would be caught."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(c, generator=gen) * 0.2 - 0.1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: extra threads only add contention."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _load(path: Path, **kwargs) -> Bundle:
+    return Bundle.load(path, threads=1, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model() -> UnifiedStudent:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    m = UnifiedStudent.build(["wrn_10_1"], WIDTHS, in_channels=1, num_classes=4, mean=[0.5], std=[0.25],
+                             out_size=(4, 4))
+    _perturb_batchnorm(m, gen)
+    m.eval()
+    with torch.no_grad():
+        fc, mean = m.aggregator.fc, m.aggregator.feature_mean
+        mean.copy_(torch.cat([d(_images(64, seed=9)) for d in m.devices], 1).mean(0))
+        fc.weight.mul_(20)
+        fc.bias.copy_(-fc.weight @ mean)  # logits centred on the mean vector: the class depends on the image
+    return m
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def _export(model: UnifiedStudent, out: Path, **kwargs) -> dict:
+    return export_bundle(model, out, image_shape=IMAGE_SHAPE, class_names=CLASSES, partitions=PARTITIONS,
+                         calibration_images=_images(32, seed=1), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def bundles(model: UnifiedStudent, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundles")
+    out = {t: root / t for t in BYTES_PER_NUMBER}
+    for transport, path in out.items():
+        _export(model, path, transport=transport, int8_weights=transport == "fp32", extra={"run": transport})
+    return out
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return _images(64, seed=2)
+
+
+def _reference(model: UnifiedStudent, x: torch.Tensor, missing: list[int] | None = None) -> np.ndarray:
+    with torch.no_grad():
+        return model(x, missing=missing or []).numpy()
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.argmax(1) == b.argmax(1)).mean())
+
+
+def test_fp32_bundle_reproduces_model(model, bundles, x):
+    got = _load(bundles["fp32"]).predict(x.numpy())
+    ref = _reference(model, x)
+    assert _agreement(got, ref) == 1.0
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("transport, tolerance", [("fp16", 0.02), ("int8", 0.1)])
+def test_compressed_transport_is_close(model, bundles, x, transport, tolerance):
+    got = _load(bundles[transport]).predict(x.numpy())
+    ref = _reference(model, x)
+    assert _agreement(got, ref) >= 0.95
+    assert np.abs(got - ref).max() < tolerance * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("transport", list(BYTES_PER_NUMBER))
+def test_manifest_describes_transport(bundles, x, transport):
+    manifest = json.loads((bundles[transport] / "manifest.json").read_text())
+    bundle = _load(bundles[transport])
+    vectors = bundle.device_vectors(x[:3].numpy())
+    assert manifest["run"] == transport and manifest["num_classes"] == len(CLASSES)
+    assert [d["teacher_filters"] for d in manifest["devices"]] == PARTITIONS
+    for device, width, v in zip(manifest["devices"], WIDTHS, vectors):
+        assert device["bytes_sent_per_inference"] == width * BYTES_PER_NUMBER[transport]
+        assert v.shape == (3, width) and v.dtype == np.dtype(device["output_dtype"])
+        assert device["params"] > 0 and device["macs"] > 0
+    assert ("scales" in manifest["transport"]) == (transport == "int8")
+
+
+@pytest.mark.parametrize("transport, atol", [("fp32", 1e-4), ("int8", 0.1)])
+def test_missing_device_matches_model(model, bundles, x, transport, atol):
+    bundle = _load(bundles[transport])
+    ref = _reference(model, x, missing=[1])
+    got = bundle.predict(x.numpy(), missing=[1])
+    np.testing.assert_allclose(got, ref, atol=atol, rtol=0)
+    vectors = bundle.device_vectors(x.numpy())
+    np.testing.assert_array_equal(bundle.aggregate([vectors[0], None]), got)
+
+
+def test_torchscript_bundle_matches_model(model, bundles, x):
+    bundle = TorchBundle.load(bundles["fp32"])
+    for missing in ([], [0], [0, 1]):
+        np.testing.assert_allclose(bundle.predict(x, missing=missing).numpy(), _reference(model, x, missing),
+                                   atol=1e-5, rtol=0)
+
+
+def test_predict_batches_equals_predict(bundles, x):
+    bundle = _load(bundles["fp16"])
+    np.testing.assert_array_equal(bundle.predict_batches(x.numpy(), batch_size=24), bundle.predict(x.numpy()))
+
+
+def test_bad_inputs_are_refused(bundles, x):
+    bundle = _load(bundles["int8"])
+    with pytest.raises(ValueError, match=r"takes \[N, 1, 16, 16\]"):
+        bundle.predict(x[:, :, :8].numpy())
+    with pytest.raises(ValueError, match="out of range"):
+        bundle.predict(x.numpy(), missing=[2])
+    with pytest.raises(ValueError, match="device_0 vector is float32"):
+        bundle.aggregate([np.zeros((2, 5), np.float32), None])
+
+
+@pytest.mark.parametrize("loader", [Bundle.load, TorchBundle.load])
+def test_modified_bundle_is_refused(bundles, tmp_path, loader):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundles["fp32"], copy)
+    with open(copy / "device_1" / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match=r"^device_1/model\.onnx: sha256 mismatch .* re-export it$"):
+        loader(copy)
+    (copy / "aggregator" / "model.int8.onnx").unlink()
+    shutil.copy(bundles["fp32"] / "device_1" / "model.onnx", copy / "device_1" / "model.onnx")
+    with pytest.raises(BundleError, match=r"^aggregator/model\.int8\.onnx: missing"):
+        loader(copy)
+
+
+def test_loader_does_not_import_torch():
+    code = "import sys; import students.bundle; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_failed_export_keeps_earlier_bundle_and_success_replaces_it(model, bundles, x, tmp_path, monkeypatch):
+    out = tmp_path / "export"
+    shutil.copytree(bundles["fp16"], out)
+    before = (out / "manifest.json").read_text()
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("exporter broke")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    with pytest.raises(RuntimeError, match="exporter broke"):
+        _export(model, out, transport="fp32")
+    monkeypatch.undo()
+    assert (out / "manifest.json").read_text() == before
+    _load(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary folders left behind
+
+    model.train()  # export must use eval mode (BN running stats) and leave the caller's model as it was
+    try:
+        _export(model, out, transport="fp32")
+        assert model.training
+    finally:
+        model.eval()
+    bundle = _load(out)
+    assert bundle.manifest["transport"]["name"] == "fp32"
+    np.testing.assert_allclose(bundle.predict(x.numpy()), _reference(model, x), atol=1e-4, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_export_into_a_file_fails_cleanly(model, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OSError):
+        _export(model, tmp_path / "file" / "export")
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"partitions": [[0], [1]]}, "partition sizes"),
+    ({"class_names": ["a"]}, "1 class names"),
+    ({"calibration_images": torch.rand(4, 3, 16, 16)}, "calibration images have shape"),
+    ({"transport": "int4"}, "unknown transport"),
+    ({"extra": {"devices": []}}, "would overwrite"),
+])
+def test_export_checks_arguments_before_writing(model, tmp_path, change, message):
+    kwargs = dict(image_shape=IMAGE_SHAPE, class_names=CLASSES, partitions=PARTITIONS,
+                  calibration_images=_images(4, seed=1)) | change
+    with pytest.raises(ValueError, match=message):
+        export_bundle(model, tmp_path / "export", **kwargs)
+    assert not any(tmp_path.iterdir())
+
+
+def test_int8_weight_files_load_and_agree(model, bundles, x):
+    manifest = json.loads((bundles["fp32"] / "manifest.json").read_text())
+    for part in [*manifest["devices"], manifest["aggregator"]]:
+        assert "onnx_int8" in part["files"], part.get("onnx_int8_error")
+    bundle = _load(bundles["fp32"], use_int8=True)
+    assert all(f.endswith("model.int8.onnx") for f in bundle.model_files)
+    assert _agreement(bundle.predict(x.numpy()), _reference(model, x)) >= 0.9

@@ -1,0 +1,121 @@
+"""`nonn run` end to end on synthetic data, then what users rely on afterwards: the report, the
+bundle reproducing the model, skipping finished stages, refusing mismatched inputs, resuming."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.cli import main
+from distill.config import load_config
+from distill.modules import NoNNModule
+from distill.stages import STAGES, Context, run_stage
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> tuple[Path, float]:
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    start = time.perf_counter()
+    assert main(["run", "--config", str(TINY), "--run-dir", str(run_dir)]) == 0
+    return run_dir, time.perf_counter() - start
+
+
+def copy_run(finished_run, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(finished_run[0], target)
+    return target
+
+
+def test_run_writes_every_artifact_quickly(finished_run):
+    run_dir, seconds = finished_run
+    for rel in ("config.yaml", "teacher/best.ckpt", "partition/partition.json", "partition/filter_graph.graphml",
+                "partition/partition.png", "students/best.ckpt", "export/manifest.json", "report.json", "report.md",
+                "failures.png"):
+        assert (run_dir / rel).exists(), rel
+    assert seconds < 120, f"the synthetic pipeline took {seconds:.0f} s"
+
+
+def test_report_matches_the_bundle_and_lists_failures(finished_run):
+    report = json.loads((finished_run[0] / "report.json").read_text())
+    nonn = report["nonn"]
+    assert nonn["bundle_agreement"] == 1.0 and nonn["bundle_max_logit_diff"] < 1e-4
+    assert nonn["test_acc_bundle"] == pytest.approx(nonn["test_acc_pytorch"])
+    assert [f["missing"] for f in report["failures"]] == [[], [0], [1]]
+    assert sum(d["output_width"] for d in nonn["devices"]) == 64  # every filter of the WRN-10-1 teacher
+    assert all(d["bytes_sent_per_inference"] == 4 * d["output_width"] for d in nonn["devices"])
+    assert len(report["model_parallel"]) == 2 and report["model_parallel"][0]["bytes_sent"] > nonn["total_bytes_sent"]
+    md = (finished_run[0] / "report.md").read_text()
+    assert "Device failures" in md and "model parallelism" in md
+
+
+def test_rerun_redoes_nothing(finished_run, capsys):
+    run_dir = finished_run[0]
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.ckpt")}
+    assert main(["run", "--config", str(TINY), "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"[nonn] {stage}: up to date" in out for stage in STAGES)
+    assert stamps == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.ckpt")}
+
+
+def test_changed_config_redoes_only_downstream_stages(finished_run, tmp_path, capsys):
+    run_dir = copy_run(finished_run, tmp_path)
+    assert main(["run", "--config", str(TINY), "--run-dir", str(run_dir), "--export.transport", "fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "[nonn] distill: up to date" in out and "[nonn] export: running" in out
+    assert "[nonn] evaluate: running" in out
+    assert json.loads((run_dir / "export" / "manifest.json").read_text())["transport"]["name"] == "fp16"
+
+
+def test_distill_refuses_a_partition_from_another_teacher(finished_run, tmp_path, capsys):
+    run_dir = copy_run(finished_run, tmp_path)
+    path = run_dir / "partition" / "partition.json"
+    data = json.loads(path.read_text())
+    data["teacher_sha256"] = "0" * 64
+    path.write_text(json.dumps(data))
+    assert main(["distill", "--config", str(TINY), "--run-dir", str(run_dir), "--force"]) == 1
+    assert "different teacher checkpoint" in capsys.readouterr().err
+
+
+def test_distill_killed_midway_resumes(finished_run, tmp_path, monkeypatch, capsys):
+    run_dir = copy_run(finished_run, tmp_path)
+    config = load_config(TINY, ["--distill.epochs", "3"])
+    ctx = Context(config, run_dir)
+
+    def crash(self):
+        if self.current_epoch == 1:
+            raise RuntimeError("simulated kill")
+    monkeypatch.setattr(NoNNModule, "on_train_epoch_end", crash, raising=False)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_stage(ctx, "distill")
+    monkeypatch.undo()
+    run_stage(ctx, "distill")
+    assert "[nonn] distill: resuming from" in capsys.readouterr().out
+    assert torch.load(run_dir / "students" / "last.ckpt", weights_only=True)["epoch"] == 2
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "distill", "--help"], capture_output=True, text=True, check=True)
+    assert "partition" in out.stdout and "evaluate" in out.stdout
+
+
+def test_independent_script_reproduces_the_reported_accuracy(finished_run, tmp_path):
+    from distill.data import ImageDataModule
+
+    run_dir = finished_run[0]
+    dm = ImageDataModule(load_config(TINY)["data"], seed=0)
+    dm.setup()
+    import numpy as np
+    np.save(tmp_path / "x.npy", dm.test[0].numpy())
+    np.save(tmp_path / "y.npy", dm.test[1].numpy())
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_accuracy.py"
+    out = subprocess.run([sys.executable, str(script), str(run_dir / "export"), "--npy", str(tmp_path / "x.npy"),
+                          str(tmp_path / "y.npy")], capture_output=True, text=True, check=True).stdout
+    reported = json.loads((run_dir / "report.json").read_text())["nonn"]["test_acc_bundle"]
+    assert f"accuracy {reported:.4f}" in out
