@@ -39,7 +39,7 @@ def test_run_writes_every_artifact_quickly(finished_run):
                 "partition/partition.png", "students/best.ckpt", "export/manifest.json", "report.json", "report.md",
                 "failures.png"):
         assert (run_dir / rel).exists(), rel
-    assert seconds < 120, f"the synthetic pipeline took {seconds:.0f} s"
+    assert seconds < 60, f"the synthetic pipeline took {seconds:.0f} s"
 
 
 def test_report_matches_the_bundle_and_lists_failures(finished_run):
