@@ -3,6 +3,7 @@
 #   benchmarks/run_method_table.sh TEACHER_CKPT OUT_DIR [extra overrides, e.g. --distill.epochs 5]
 set -euo pipefail
 teacher=$1; out=$2; shift 2
+mkdir -p "$out"
 cd "$(dirname "$0")/.."
 declare -A configs=(
   [nonn_k2]=configs/fashion_mnist/standard.yaml

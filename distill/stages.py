@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -132,10 +133,13 @@ def run_stage(ctx: Context, stage: str) -> dict:
     if ctx.config["trainer"]["num_threads"]:
         torch.set_num_threads(int(ctx.config["trainer"]["num_threads"]))
     tracker = Tracker(ctx.config, ctx.run_dir, stage)
+    start = time.perf_counter()
     try:
-        return STAGE_FUNCTIONS[stage](ctx, tracker)
+        results = STAGE_FUNCTIONS[stage](ctx, tracker)
     finally:
         tracker.finish()
+    print(f"[nonn] {stage}: done in {time.perf_counter() - start:.0f} s")
+    return results
 
 
 # --- models from the run folder ------------------------------------------------------------
@@ -206,9 +210,20 @@ def _fit(ctx: Context, stage_dir: Path, module: pl.LightningModule, dm: ImageDat
     return trainer, checkpoint
 
 
-def _test_best(trainer: pl.Trainer, module: pl.LightningModule, dm: ImageDataModule, best: Path) -> float:
-    results = trainer.test(module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)
-    return float(results[0]["test/acc"])
+STAGE_DIRS = {"teacher": "teacher", "distill": "students"}
+
+
+def _train_and_test(ctx: Context, tracker: Tracker, stage: str, module: pl.LightningModule, dm: ImageDataModule,
+                    epochs: int, what: str) -> tuple[Path, dict]:
+    """Fit, then test the best checkpoint (validation picked it; the test set is only reported)."""
+    stage_dir = ctx.run_dir / STAGE_DIRS[stage]
+    trainer, checkpoint = _fit(ctx, stage_dir, module, dm, epochs, tracker, stage)
+    best = stage_dir / "best.ckpt"
+    tested = trainer.test(module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)
+    acc = float(tested[0]["test/acc"])
+    tracker.summary({f"{stage}/test_acc": acc})
+    print(f"[nonn] {stage}: {what} test accuracy {acc:.4f} ({best})")
+    return best, {"test_acc": acc, "best_val_acc": float(checkpoint.best_model_score), "epochs": epochs}
 
 
 def stage_teacher(ctx: Context, tracker: Tracker) -> dict:
@@ -221,14 +236,8 @@ def stage_teacher(ctx: Context, tracker: Tracker) -> dict:
         return results
     tcfg = ctx.config["teacher"]
     module = TeacherModule(build_teacher(ctx, dm), tcfg, dm.num_classes, ctx.config["trainer"]["channels_last"])
-    stage_dir = ctx.run_dir / "teacher"
-    trainer, checkpoint = _fit(ctx, stage_dir, module, dm, tcfg["epochs"], tracker, "teacher")
-    best = stage_dir / "best.ckpt"
-    acc = _test_best(trainer, module, dm, best)
-    results = {"test_acc": acc, "best_val_acc": float(checkpoint.best_model_score), "epochs": tcfg["epochs"],
-               "teacher_sha256": sha256_file(best)}
-    tracker.summary({"teacher/test_acc": acc})
-    print(f"[nonn] teacher: {tcfg['arch']} test accuracy {acc:.4f} ({best})")
+    best, results = _train_and_test(ctx, tracker, "teacher", module, dm, tcfg["epochs"], tcfg["arch"])
+    results["teacher_sha256"] = sha256_file(best)
     mark_done(ctx, "teacher", [best], results)
     return results
 
@@ -264,13 +273,8 @@ def stage_distill(ctx: Context, tracker: Tracker) -> dict:
     student = build_student(ctx, dm, teacher, partitions)
     module = NoNNModule(teacher, student, partitions, dcfg["losses"], dcfg, dm.num_classes,
                         dcfg["student_dropout"], ctx.config["trainer"]["channels_last"])
-    stage_dir = ctx.run_dir / "students"
-    trainer, checkpoint = _fit(ctx, stage_dir, module, dm, dcfg["epochs"], tracker, "distill")
-    best = stage_dir / "best.ckpt"
-    acc = _test_best(trainer, module, dm, best)
-    results = {"test_acc": acc, "best_val_acc": float(checkpoint.best_model_score), "epochs": dcfg["epochs"]}
-    tracker.summary({"nonn/test_acc": acc})
-    print(f"[nonn] distill: K={len(partitions)} students test accuracy {acc:.4f} ({best})")
+    best, results = _train_and_test(ctx, tracker, "distill", module, dm, dcfg["epochs"],
+                                    f"K={len(partitions)} students")
     mark_done(ctx, "distill", [best], results)
     return results
 
