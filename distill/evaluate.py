@@ -54,7 +54,8 @@ def evaluate_run(ctx: "Context", tracker: "Tracker") -> dict:
 
     export_dir = ctx.run_dir / "export"
     manifest = read_json(export_dir / "manifest.json", "export manifest")
-    bundle = Bundle.load(export_dir)
+    int8_weights = bool(ctx.config["export"]["int8_weights"])
+    bundle = Bundle.load(export_dir, use_int8=int8_weights)
     vectors = bundle_vectors(bundle, images)
     onnx_logits = torch.from_numpy(np.asarray(bundle.aggregate(vectors), dtype=np.float32))
     onnx_pred = onnx_logits.argmax(1)
@@ -72,8 +73,9 @@ def evaluate_run(ctx: "Context", tracker: "Tracker") -> dict:
                     "feature_map_bytes": teacher.feature_channels * int(np.prod(
                         _map_size(teacher, shape))) * 4}
     devices = [{k: d[k] for k in ("name", "output_width", "params", "weight_bytes", "macs",
-                                  "bytes_sent_per_inference")} | {"arch": arch}
-               for d, arch in zip(manifest["devices"], _device_archs(ctx, num_devices))]
+                                  "bytes_sent_per_inference")}
+               | {"arch": arch, "model_file": f, "model_file_bytes": (export_dir / f).stat().st_size}
+               for d, arch, f in zip(manifest["devices"], _device_archs(ctx, num_devices), bundle.model_files)]
     aggregator = {k: manifest["aggregator"][k] for k in ("params", "weight_bytes", "macs")}
     report = {
         "run": ctx.config["name"], "dataset": ctx.config["data"]["dataset"], "test_images": len(labels),
@@ -81,6 +83,7 @@ def evaluate_run(ctx: "Context", tracker: "Tracker") -> dict:
         "nonn": {
             "num_students": num_devices, "partition_mode": ctx.config["partition"]["mode"],
             "partition_sizes": partition["sizes"], "transport": manifest["transport"]["name"],
+            "weights": "int8" if int8_weights else "fp32",
             "test_acc_bundle": _acc(onnx_pred, labels), "test_acc_pytorch": _acc(torch_logits.argmax(1), labels),
             "bundle_agreement": float((onnx_pred == torch_logits.argmax(1)).float().mean()),
             "bundle_max_logit_diff": float((onnx_logits - torch_logits).abs().max()),

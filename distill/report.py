@@ -18,7 +18,8 @@ def render_markdown(r: dict) -> str:
         "| model | test accuracy | params (largest device) | MACs/image (largest device) | bytes sent/inference |",
         "|---|---|---|---|---|",
         f"| teacher {t['arch']} | {t['test_acc']:.4f} | {t['params']:,} | {_m(t['macs'])} | - |",
-        f"| NoNN K={n['num_students']} ({n['partition_mode']}, {n['transport']} transport, ONNX Runtime) | "
+        f"| NoNN K={n['num_students']} ({n['partition_mode']}, {n['weights']} weights, {n['transport']} transport, "
+        "ONNX Runtime) | "
         f"{n['test_acc_bundle']:.4f} | {n['max_device_params']:,} | {_m(n['max_device_macs'])} | "
         f"{n['total_bytes_sent']} B total |",
         "",
@@ -29,14 +30,15 @@ def render_markdown(r: dict) -> str:
         "",
         "## Devices",
         "",
-        "| device | student | filters | params | weights (fp32) | MACs/image | bytes sent/inference |",
-        "|---|---|---|---|---|---|---|",
+        "| device | student | filters | params | weights (fp32) | model file | MACs/image | bytes sent/inference |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for d in n["devices"]:
-        lines.append(f"| {d['name']} | {d['arch']} | {d['output_width']} | {d['params']:,} | {_kb(d['weight_bytes'])} | "
-                     f"{_m(d['macs'])} | {d['bytes_sent_per_inference']} B |")
+        lines.append(f"| {d['name']} | {d['arch']} | {d['output_width']} | {d['params']:,} | "
+                     f"{_kb(d['weight_bytes'])} | {d['model_file']} ({_kb(d['model_file_bytes'])}) | {_m(d['macs'])} | "
+                     f"{d['bytes_sent_per_inference']} B |")
     a = n["aggregator"]
-    lines.append(f"| aggregator | linear | - | {a['params']:,} | {_kb(a['weight_bytes'])} | {_m(a['macs'])} | - |")
+    lines.append(f"| aggregator | linear | - | {a['params']:,} | {_kb(a['weight_bytes'])} | - | {_m(a['macs'])} | - |")
     lines += ["", f"## Baseline: model parallelism (teacher split layer-wise across {n['num_students']} devices)", "",
               "| device | teacher layers | params | MACs/image | bytes sent/inference |", "|---|---|---|---|---|"]
     for i, s in enumerate(r["model_parallel"]):

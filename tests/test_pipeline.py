@@ -66,11 +66,16 @@ def test_rerun_redoes_nothing(finished_run, capsys):
 
 def test_changed_config_redoes_only_downstream_stages(finished_run, tmp_path, capsys):
     run_dir = copy_run(finished_run, tmp_path)
-    assert main(["run", "--config", str(TINY), "--run-dir", str(run_dir), "--export.transport", "fp16"]) == 0
+    assert main(["run", "--config", str(TINY), "--run-dir", str(run_dir), "--export.transport", "fp16",
+                 "--export.int8_weights", "true"]) == 0
     out = capsys.readouterr().out
     assert "[nonn] distill: up to date" in out and "[nonn] export: running" in out
     assert "[nonn] evaluate: running" in out
     assert json.loads((run_dir / "export" / "manifest.json").read_text())["transport"]["name"] == "fp16"
+    nonn = json.loads((run_dir / "report.json").read_text())["nonn"]
+    assert nonn["transport"] == "fp16" and nonn["weights"] == "int8"
+    assert all(d["model_file"].endswith("model.int8.onnx") for d in nonn["devices"])
+    assert nonn["bundle_agreement"] > 0.9, "fp16 transport and int8 weights keep most predictions"
 
 
 def test_distill_refuses_a_partition_from_another_teacher(finished_run, tmp_path, capsys):
