@@ -19,7 +19,9 @@ DEFAULTS: dict[str, Any] = {
         "dataset": "fashion_mnist",  # fashion_mnist | cifar10 | cifar100 | synthetic
         "data_dir": None,            # where the files are / go; default: the dataset's standard place
         "download": True,            # fetch the official files (checksummed) when none are found
-        "val_size": 5000,            # images held out of the training set, seeded split
+        "val_size": 5000,            # images held out of the training set
+        "split_seed": 0,             # seeds the train/validation split; fixed apart from the run's seed so that
+                                     # every run (and every seed) splits the data as the teacher did
         "train_subset": None,        # use only this many training images (quick profiles)
         "test_subset": None,
         "batch_size": 128,

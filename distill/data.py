@@ -69,12 +69,12 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.raw is not None:
             return
-        raw = load_raw(self.cfg, self.seed)
+        raw = load_raw(self.cfg, int(self.cfg["split_seed"]))  # the data config alone fixes the data
         n = len(raw.train_labels)
         val_size = int(self.cfg["val_size"])
         if not 0 < val_size < n:
             raise ValueError(f"data.val_size = {val_size} must be between 1 and {n - 1} (training set size - 1)")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(int(self.cfg["split_seed"])))
         val_idx, train_idx = order[:val_size], order[val_size:]
         if self.cfg["train_subset"]:
             train_idx = train_idx[: int(self.cfg["train_subset"])]

@@ -33,10 +33,10 @@ UPSTREAM = {"teacher": None, "partition": "teacher", "distill": "partition", "ex
             "evaluate": "export"}
 CONFIG_PARTS = {  # what each stage reads from the config (besides its upstream stage's outputs)
     "teacher": ("seed", "data", "teacher"),
-    "partition": ("partition",),
-    "distill": ("distill",),
-    "export": ("export",),
-    "evaluate": ("evaluate",),
+    "partition": ("seed", "data", "partition"),
+    "distill": ("seed", "data", "distill"),
+    "export": ("seed", "data", "export"),
+    "evaluate": ("seed", "data", "evaluate"),
 }
 
 

@@ -11,9 +11,12 @@ def test_split_is_seeded_and_disjoint(tiny_config):
     assert len(a.val[1]) == cfg["val_size"] and len(a.train[1]) == cfg["synthetic"]["train_size"] - cfg["val_size"]
     train_rows = {tuple(x.flatten().tolist()) for x in a.train[0]}
     assert not any(tuple(x.flatten().tolist()) in train_rows for x in a.val[0])
-    c = ImageDataModule(cfg, seed=1)
-    c.setup()
-    assert not torch.equal(a.val[0], c.val[0])
+    same_split = ImageDataModule(cfg, seed=1)  # another run seed splits the data as the teacher did
+    same_split.setup()
+    assert torch.equal(a.val[1], same_split.val[1])
+    other = ImageDataModule(dict(cfg, split_seed=1), seed=0)
+    other.setup()
+    assert not torch.equal(a.val[0], other.val[0])
 
 
 def test_batches_cover_the_split_in_order_and_shuffle_per_epoch():
