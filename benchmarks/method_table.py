@@ -18,11 +18,11 @@ def row(label: str, acc: float, params: int, macs: int, sent: int | str, teacher
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
+    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (split at the last =)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     reports = [(label, json.loads((Path(path) / "report.json").read_text()))
-               for label, path in (r.split("=", 1) for r in args.runs)]
+               for label, path in (r.rsplit("=", 1) for r in args.runs)]
     t = reports[0][1]["teacher"]
     lines = ["| method | test accuracy | params per device | MACs per device | bytes sent per inference | "
              "compression vs teacher (params) |", "|---|---|---|---|---|---|",
