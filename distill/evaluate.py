@@ -43,7 +43,7 @@ def bundle_vectors(bundle, images: torch.Tensor, batch_size: int = 500) -> list[
 
 
 def evaluate_run(ctx: "Context", tracker: "Tracker") -> dict:
-    from distill.stages import load_student, mark_done
+    from distill.stages import load_student, mark_done, teacher_map_size
     from students.bundle import Bundle
 
     dm = ctx.datamodule()
@@ -70,8 +70,7 @@ def evaluate_run(ctx: "Context", tracker: "Tracker") -> dict:
     shape = dm.image_shape
     teacher_info = {"arch": ctx.config["teacher"]["arch"], "params": count_params(teacher),
                     "weight_bytes": weight_bytes(teacher), "macs": count_macs(teacher, shape),
-                    "feature_map_bytes": teacher.feature_channels * int(np.prod(
-                        _map_size(teacher, shape))) * 4}
+                    "feature_map_bytes": teacher.feature_channels * int(np.prod(teacher_map_size(teacher, shape))) * 4}
     devices = [{k: d[k] for k in ("name", "output_width", "params", "weight_bytes", "macs",
                                   "bytes_sent_per_inference")}
                | {"arch": arch, "model_file": f, "model_file_bytes": (export_dir / f).stat().st_size}
@@ -112,11 +111,6 @@ def evaluate_run(ctx: "Context", tracker: "Tracker") -> dict:
 
 def _acc(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred == labels).float().mean())
-
-
-def _map_size(model, shape) -> tuple[int, int]:
-    with torch.no_grad():
-        return tuple(model.forward_features(torch.zeros(1, *shape)).shape[-2:])
 
 
 def _device_archs(ctx: "Context", k: int) -> list[str]:
