@@ -124,7 +124,7 @@ class NoNNModule(_SupervisedModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
-        z = torch.cat([d(self._input(x)) for d in self.student.devices], dim=1)
+        z = self.student.vectors(self._input(x))
         agg = self.student.aggregator
         self.val_acc(agg(z), y)
         self.log("val/acc", self.val_acc, prog_bar=True)

@@ -7,6 +7,7 @@ unchanged is skipped unless ``--force``; a training stage stopped midway resumes
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import time
@@ -284,7 +285,7 @@ def stage_export(ctx: Context, tracker: Tracker) -> dict:
 
     dm = ctx.datamodule()
     student, teacher, partition = load_student(ctx, dm)
-    calibration = torch.cat([x for x, _ in _take(dm.val_dataloader(), 4)])
+    calibration = torch.cat([x for x, _ in itertools.islice(dm.val_dataloader(), 4)])
     out_dir = ctx.run_dir / "export"
     ecfg = ctx.config["export"]
     manifest = export_bundle(student, out_dir, image_shape=dm.image_shape, class_names=dm.class_names,
@@ -296,13 +297,6 @@ def stage_export(ctx: Context, tracker: Tracker) -> dict:
     print(f"[nonn] export: {len(manifest['devices'])} devices + aggregator in {out_dir}")
     mark_done(ctx, "export", [out_dir / "manifest.json"], {"devices": len(manifest["devices"])})
     return {"devices": len(manifest["devices"])}
-
-
-def _take(batches, n: int):
-    for i, batch in enumerate(batches):
-        if i >= n:
-            return
-        yield batch
 
 
 def stage_evaluate(ctx: Context, tracker: Tracker) -> dict:

@@ -49,14 +49,14 @@ def write_partition(out_dir: Path, groups: Sequence[Sequence[int]], weights: tor
         **meta,
     }
     out_dir = Path(out_dir)
-    owner = _owners(partitions, num_filters)
+    owner = filter_owners(partitions, num_filters)
     _write_graphml(out_dir / "filter_graph.graphml", graph, owner)
     _write_png(out_dir / "partition.png", weights, graph, partitions, owner)
     write_json_atomic(out_dir / "partition.json", doc)  # last: its presence means the stage finished
     return doc
 
 
-def _owners(partitions: list[list[int]], num_filters: int) -> list[int]:
+def filter_owners(partitions: list[list[int]], num_filters: int) -> list[int]:
     """Student index holding each filter, -1 for filters no student learns (prototype's P0)."""
     owner = [-1] * num_filters
     for s, group in enumerate(partitions):

@@ -103,6 +103,9 @@ class UnifiedStudent(nn.Module):
         """Logits from the device maps. ``drop`` [N, K] bool replaces those vectors with the running mean."""
         return self.aggregator(torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1), drop)
 
+    def vectors(self, x: torch.Tensor) -> torch.Tensor:
+        """What the K devices send, concatenated in device order: [N, sum |P_i|]."""
+        return torch.cat([d(x) for d in self.devices], dim=1)
+
     def forward(self, x: torch.Tensor, missing: Sequence[int] = ()) -> torch.Tensor:
-        z = torch.cat([d(x) for d in self.devices], dim=1)
-        return self.aggregator(self.aggregator.fill_missing(z, missing))
+        return self.aggregator(self.aggregator.fill_missing(self.vectors(x), missing))

@@ -13,6 +13,7 @@ from distill.config import DEFAULTS
 from partitioning import (PARTITION_MODES, assign_partitions, build_filter_graph, collect_activations,
                           compute_partition, detect_communities, read_partition, reference_activation_hub,
                           to_networkx, write_partition)
+from partitioning.artifacts import filter_owners
 from students.registry import build_model
 
 GROUPS, GROUP_SIZE = 4, 16
@@ -52,12 +53,6 @@ def adjusted_rand_index(a: list[int], b: list[int]) -> float:
     return (joint - expected) / ((sa + sb) / 2 - expected)
 
 
-def owner_labels(groups: list[list[int]], num_filters: int) -> list[int]:
-    owner = [-1] * num_filters
-    for s, group in enumerate(groups):
-        for f in group:
-            owner[f] = s
-    return owner
 
 
 def loop_coactivation(acts: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -160,7 +155,7 @@ def test_unknown_rule_is_refused():
 def test_planted_groups_are_recovered():
     result = compute_partition(planted_activations(), partition_cfg(mode="balanced"), seed=0)
     assert adjusted_rand_index(PLANTED, [result.communities[f] for f in range(F)]) >= 0.9
-    assert adjusted_rand_index(PLANTED, owner_labels(result.groups, F)) >= 0.9
+    assert adjusted_rand_index(PLANTED, filter_owners(result.groups, F)) >= 0.9
     assert result.modularity > 0.5
 
 
@@ -257,13 +252,17 @@ def written(tmp_path_factory) -> tuple[Path, dict]:
     return out, doc
 
 
+def test_filter_owners_marks_unassigned_filters():
+    assert filter_owners([[2, 0], [3]], 5) == [0, -1, 0, 1, -1]
+
+
 def test_write_partition_writes_three_files(written):
     out, doc = written
     assert sorted(p.name for p in out.iterdir()) == ["filter_graph.graphml", "partition.json", "partition.png"]
     assert (out / "partition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     graph = nx.read_graphml(out / "filter_graph.graphml", node_type=int)
     assert graph.number_of_nodes() == F and graph.number_of_edges() == doc["num_edges"]
-    owner = owner_labels(doc["partitions"], F)
+    owner = filter_owners(doc["partitions"], F)
     assert all(graph.nodes[f]["student"] == owner[f] for f in range(F)) and -1 in owner  # P0 unassigned
     assert read_partition(out / "partition.json", teacher_sha256=SHA, num_filters=F) == doc
     assert doc["mode"] == "prototype" and doc["sizes"] == [len(g) for g in doc["partitions"]]

@@ -88,16 +88,12 @@ def test_distill_refuses_a_partition_from_another_teacher(finished_run, tmp_path
     assert "different teacher checkpoint" in capsys.readouterr().err
 
 
-def test_distill_killed_midway_resumes(finished_run, tmp_path, monkeypatch, capsys):
+def test_distill_killed_midway_resumes(finished_run, tmp_path, crash_in_second_epoch, monkeypatch, capsys):
     run_dir = copy_run(finished_run, tmp_path)
     config = load_config(TINY, ["--distill.epochs", "3"])
     ctx = Context(config, run_dir)
-
-    def crash(self):
-        if self.current_epoch == 1:
-            raise RuntimeError("simulated kill")
-    monkeypatch.setattr(NoNNModule, "on_train_epoch_end", crash, raising=False)
-    with pytest.raises(RuntimeError, match="simulated kill"):
+    crash_in_second_epoch(NoNNModule)
+    with pytest.raises(RuntimeError, match="simulated crash"):
         run_stage(ctx, "distill")
     monkeypatch.undo()
     run_stage(ctx, "distill")

@@ -13,14 +13,10 @@ from distill.modules import TeacherModule
 from distill.stages import Context, load_teacher, run_stage
 
 
-def test_teacher_trains_is_interrupted_and_resumes(tiny_config, monkeypatch, capsys):
+def test_teacher_trains_is_interrupted_and_resumes(tiny_config, crash_in_second_epoch, monkeypatch, capsys):
     ctx = Context(tiny_config, Path(tiny_config["run_dir"]))
     tiny_config["teacher"]["epochs"] = 3
-
-    def crash_in_second_epoch(self):
-        if self.current_epoch == 1:
-            raise RuntimeError("simulated crash")
-    monkeypatch.setattr(TeacherModule, "on_train_epoch_end", crash_in_second_epoch, raising=False)
+    crash_in_second_epoch(TeacherModule)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_stage(ctx, "teacher")
     assert (ctx.run_dir / "teacher" / "last.ckpt").exists()
