@@ -33,9 +33,13 @@ DEFAULTS: dict[str, Any] = {
     },
     "trainer": {
         "accelerator": "auto",
-        "devices": 1,
-        "precision": "32-true",      # e.g. bf16-mixed where the hardware is fast at it
+        "devices": 1,                # processes (CPU) or GPUs per node; > 1 with strategy ddp
+        "strategy": "auto",          # ddp: data-parallel, one process per device, each its own shard of the data
+        "num_nodes": 1,
+        "precision": "32-true",      # auto = bf16-mixed where the hardware computes bf16 natively, else 32-true;
+                                     # bf16 asked for on hardware without it falls back to 32-true (warning)
         "channels_last": True,
+        "deterministic": True,       # deterministic algorithms: the same command on the same machine, the same numbers
         "num_threads": None,         # torch CPU threads; default: torch's choice
         "limit_train_batches": None,  # cap batches per epoch (tests, quick profiles)
         "limit_val_batches": None,
@@ -75,7 +79,7 @@ DEFAULTS: dict[str, Any] = {
         "milestones": [0.5, 0.75],
         "losses": {                  # name -> options; see distill/losses.py for the registry
             "kd": {"alpha": 0.9, "temperature": 4.0},
-            "at_paper": {"beta": 10.0},  # ~ Zagoruyko & Komodakis beta=1e3 on a mean over 7x7 positions, halved
+            "filter_transfer": {"beta": 1.0e4},  # NoNN's filter-level activation transfer (prototype's reduction)
         },
         "student_dropout": 0.0,      # probability of dropping each student's vector in training
     },

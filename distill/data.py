@@ -30,28 +30,41 @@ def augment_batch(x: torch.Tensor, padding: int, hflip: bool, generator: torch.G
 
 
 class TensorBatches:
-    """An iterable of (images in [0, 1], labels) batches over tensors held in memory."""
+    """An iterable of (images in [0, 1], labels) batches over tensors held in memory.
+
+    Under data-parallel training (``world`` processes) process ``rank`` reads only its own shard,
+    every ``world``-th image of the (shuffled) order, as a DistributedSampler would; all ranks
+    shuffle with the same seed, so the shards are disjoint and cover the data.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
-                 padding: int = 0, hflip: bool = False, seed: int = 0, drop_last: bool = False) -> None:
+                 padding: int = 0, hflip: bool = False, seed: int = 0, drop_last: bool = False,
+                 rank: int = 0, world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a world of {world} processes")
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.padding, self.hflip = padding, hflip
         self.seed, self.epoch = seed, 0
+        self.rank, self.world = rank, world
+
+    def _shard_size(self) -> int:
+        n = len(self.labels)
+        # training (drop_last) gives every rank the same number of batches, so no rank waits on another
+        return n // self.world if self.drop_last else len(range(self.rank, n, self.world))
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = self._shard_size()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         self.epoch += 1
-        order = torch.randperm(len(self.labels), generator=g) if self.shuffle else None
+        order = torch.randperm(len(self.labels), generator=g) if self.shuffle else torch.arange(len(self.labels))
+        order = order[self.rank::self.world][: self._shard_size()]
         augment = self.padding > 0 or self.hflip
         for b in range(len(self)):
-            idx = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            if order is not None:
-                idx = order[idx]
+            idx = order[b * self.batch_size: (b + 1) * self.batch_size]
             x = self.images[idx].float().div_(255.0)
             if augment:
                 x = augment_batch(x, self.padding, self.hflip, g)
@@ -99,12 +112,17 @@ class ImageDataModule(pl.LightningDataModule):
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.raw.train_images.shape[1:])
 
+    def _shard(self) -> dict:
+        """This process's place among the data-parallel processes (rank 0 of 1 outside a Trainer)."""
+        trainer = self.trainer
+        return {"rank": trainer.global_rank, "world": trainer.world_size} if trainer is not None else {}
+
     def train_dataloader(self) -> TensorBatches:
         return TensorBatches(*self.train, self.cfg["batch_size"], shuffle=True, padding=self.cfg["crop_padding"],
-                             hflip=self.cfg["hflip"], seed=self.seed, drop_last=True)
+                             hflip=self.cfg["hflip"], seed=self.seed, drop_last=True, **self._shard())
 
     def val_dataloader(self) -> TensorBatches:
-        return TensorBatches(*self.val, self.cfg["eval_batch_size"])
+        return TensorBatches(*self.val, self.cfg["eval_batch_size"], **self._shard())
 
     def test_dataloader(self) -> TensorBatches:
-        return TensorBatches(*self.test, self.cfg["eval_batch_size"])
+        return TensorBatches(*self.test, self.cfg["eval_batch_size"], **self._shard())

@@ -24,6 +24,8 @@ from distill.config import dump_config
 from distill.data import ImageDataModule
 from distill.io import read_json, sha256_file, write_json_atomic, write_text_atomic
 from distill.modules import NoNNModule, TeacherModule
+from distill.precision import resolve_precision
+from distill.ranks import is_worker, sync_processes
 from distill.tracking import Tracker, lightning_loggers
 from students.networks import FeatureClassifier
 from students.registry import build_model
@@ -105,6 +107,8 @@ def is_done(ctx: Context, stage: str) -> bool:
 
 
 def mark_done(ctx: Context, stage: str, outputs: list[Path], results: dict | None = None) -> None:
+    if is_worker():
+        return
     write_json_atomic(ctx.stage_record_path(stage), {
         "stage": stage,
         "fingerprint": fingerprint(ctx, stage),
@@ -114,12 +118,33 @@ def mark_done(ctx: Context, stage: str, outputs: list[Path], results: dict | Non
 
 
 def save_resolved_config(ctx: Context) -> None:
+    if is_worker():
+        return
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(ctx.run_dir / "config.yaml", dump_config(ctx.config))
 
 
+TRAINING_STAGES = ("teacher", "distill")
+
+
 def run_stage(ctx: Context, stage: str) -> dict:
     """Run one stage unless it is already done with the same inputs; returns its record's results."""
+    try:
+        return _run_stage(ctx, stage) if not is_worker() else _join_stage(ctx, stage)
+    finally:
+        sync_processes()
+
+
+def _join_stage(ctx: Context, stage: str) -> dict:
+    """A data-parallel worker (rank > 0): take part in the fit and test of a training stage that is
+    not done yet; rank 0 does everything else."""
+    trains = stage in TRAINING_STAGES and not (stage == "teacher" and ctx.config["teacher"]["checkpoint"])
+    if trains and (ctx.force or not is_done(ctx, stage)):
+        STAGE_FUNCTIONS[stage](ctx, Tracker(ctx.config, ctx.run_dir, stage))
+    return {}
+
+
+def _run_stage(ctx: Context, stage: str) -> dict:
     upstream = UPSTREAM[stage]
     if upstream is not None and not (stage == "partition" and ctx.config["teacher"]["checkpoint"]):
         if _read_record(ctx, upstream) is None:
@@ -193,18 +218,21 @@ def _fit(ctx: Context, stage_dir: Path, module: pl.LightningModule, dm: ImageDat
     current = fingerprint(ctx, stage)
     last = stage_dir / "last.ckpt"
     resume = (not ctx.force and last.exists() and marker.exists() and marker.read_text() == current)
-    if not resume and stage_dir.exists():
-        shutil.rmtree(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(marker, current)
+    sync_processes()  # every process decides on resuming before rank 0 touches the folder
+    if not is_worker():  # rank 0 alone prepares the folder
+        if not resume and stage_dir.exists():
+            shutil.rmtree(stage_dir)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(marker, current)
     checkpoint = ModelCheckpoint(dirpath=stage_dir, filename="best", monitor="val/acc", mode="max",
                                  save_last=True, save_top_k=1, enable_version_counter=False)
     tc = ctx.config["trainer"]
     trainer = pl.Trainer(max_epochs=epochs, accelerator=tc["accelerator"], devices=tc["devices"],
-                         precision=tc["precision"], logger=lightning_loggers(tracker, stage_dir),
+                         strategy=tc["strategy"], num_nodes=tc["num_nodes"],
+                         precision=resolve_precision(tc["precision"], tc["accelerator"]), logger=lightning_loggers(tracker, stage_dir),
                          callbacks=[checkpoint], enable_progress_bar=ctx.progress, enable_model_summary=False,
                          limit_train_batches=tc["limit_train_batches"], limit_val_batches=tc["limit_val_batches"],
-                         num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=str(stage_dir))
+                         deterministic=tc["deterministic"], num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=str(stage_dir))
     if resume:
         print(f"[nonn] {stage}: resuming from {last}")
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
@@ -218,13 +246,16 @@ def _train_and_test(ctx: Context, tracker: Tracker, stage: str, module: pl.Light
                     epochs: int, what: str) -> tuple[Path, dict]:
     """Fit, then test the best checkpoint (validation picked it; the test set is only reported)."""
     stage_dir = ctx.run_dir / STAGE_DIRS[stage]
+    start = time.perf_counter()
     trainer, checkpoint = _fit(ctx, stage_dir, module, dm, epochs, tracker, stage)
+    fit_seconds = time.perf_counter() - start
     best = stage_dir / "best.ckpt"
     tested = trainer.test(module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)
     acc = float(tested[0]["test/acc"])
     tracker.summary({f"{stage}/test_acc": acc})
     print(f"[nonn] {stage}: {what} test accuracy {acc:.4f} ({best})")
-    return best, {"test_acc": acc, "best_val_acc": float(checkpoint.best_model_score), "epochs": epochs}
+    return best, {"test_acc": acc, "best_val_acc": float(checkpoint.best_model_score), "epochs": epochs,
+                  "precision": str(trainer.precision), "fit_seconds": round(fit_seconds, 1)}
 
 
 def stage_teacher(ctx: Context, tracker: Tracker) -> dict:

@@ -13,6 +13,8 @@ from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
+from distill.ranks import is_worker
+
 
 def resolve_mode(mode: str) -> str:
     """``auto`` -> online when an API key is configured, else offline."""
@@ -39,7 +41,7 @@ class Tracker:
         self.run: Any = None
         wb = config["wandb"]
         mode = resolve_mode(wb["mode"])
-        if mode == "disabled":
+        if mode == "disabled" or is_worker():  # rank 0 alone tracks a data-parallel run
             return
         try:
             import wandb

@@ -47,3 +47,16 @@ def test_normalisation_stats_come_from_the_training_split(tiny_config):
     dm.setup()
     pixels = dm.train[0].float() / 255
     assert abs(dm.mean[0] - float(pixels.mean())) < 1e-5 and abs(dm.std[0] - float(pixels.std())) < 1e-4
+
+
+def test_data_parallel_ranks_read_disjoint_shards_that_cover_the_data():
+    images = torch.zeros(11, 1, 2, 2, dtype=torch.uint8)
+    labels = torch.arange(11)
+    train = [TensorBatches(images, labels, batch_size=2, shuffle=True, drop_last=True, seed=5, rank=r, world=2)
+             for r in range(2)]
+    seen = [torch.cat([y for _, y in t]).tolist() for t in train]
+    assert len(train[0]) == len(train[1]) == 2, "every rank runs the same number of training steps"
+    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1]) == 4
+    evaluation = [TensorBatches(images, labels, batch_size=4, rank=r, world=2) for r in range(2)]
+    shards = [torch.cat([y for _, y in e]).tolist() for e in evaluation]
+    assert sorted(shards[0] + shards[1]) == list(range(11)), "evaluation reads every image exactly once"

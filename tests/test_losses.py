@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from distill.losses import (AttentionTransferPaper, AttentionTransferPrototype, CrossEntropy, DistillBatch,
-                            KnowledgeDistillation, build_losses)
+from distill.losses import (AttentionMapTransfer, AttentionMapTransferConcat, CrossEntropy, DistillBatch,
+                            FilterTransfer, FilterTransferPerStudent, KnowledgeDistillation, build_losses)
 
 LN3 = math.log(3.0)
 
@@ -39,29 +39,69 @@ def test_kd_mixes_hard_and_soft_terms():
         0.9 * 0.1308120 + 0.1 * math.log(2), abs=1e-6)
 
 
-def test_attention_transfer_paper_form():
+def test_attention_map_transfer_per_student():
     # student 0 map (1 channel, 1x2) [1, 0] -> attention [1, 0]; teacher filter 1 = [0, 2] -> [0, 1]
     # squared distance 2. Student 1 matches teacher filter 0 exactly -> 0. Total beta * 2.
     teacher = torch.tensor([[[[3.0, 4.0]], [[0.0, 2.0]]]])  # [1, 2 filters, 1, 2]
     s0 = torch.tensor([[[[1.0, 0.0]]]])
     s1 = torch.tensor([[[[6.0, 8.0]]]])  # proportional to teacher filter 0: same normalised attention
     b = batch([[0.0, 0.0]], [[0.0, 0.0]], [s0, s1], teacher, [[1], [0]])
-    assert AttentionTransferPaper(beta=5.0)(b).item() == pytest.approx(10.0, abs=1e-5)
+    assert AttentionMapTransfer(beta=5.0)(b).item() == pytest.approx(10.0, abs=1e-5)
 
 
-def test_attention_transfer_prototype_form():
+def test_attention_map_transfer_concatenated():
     # concatenated student maps: channels [1,0] and [0,0] -> mean of squares [0.5, 0] -> normalised [1, 0]
     # teacher filters picked in partition order [1, 0]: [0,2] and [3,4] -> mean squares [4.5, 10] ->
     # normalised [0.41036, 0.91192]; MSE over 2 positions = ((1-0.41036)^2 + 0.91192^2) / 2 = 0.58964
     teacher = torch.tensor([[[[3.0, 4.0]], [[0.0, 2.0]]]])
     s0, s1 = torch.tensor([[[[1.0, 0.0]]]]), torch.tensor([[[[0.0, 0.0]]]])
     b = batch([[0.0, 0.0]], [[0.0, 0.0]], [s0, s1], teacher, [[1], [0]])
-    assert AttentionTransferPrototype(beta=1.0)(b).item() == pytest.approx(0.589641, abs=1e-5)
+    assert AttentionMapTransferConcat(beta=1.0)(b).item() == pytest.approx(0.589641, abs=1e-5)
+
+
+# Teacher [1 image, 2 filters, 1 x 2]: filter 0 = [3, 4], filter 1 = [0, 2]. Student 0 (1 channel) learns
+# filter 1, student 1 learns filter 0 (partitions [[1], [0]]).
+TEACHER = torch.tensor([[[[3.0, 4.0]], [[0.0, 2.0]]]])
+
+
+def test_filter_transfer_prototype_reduction():
+    # students concatenated: [1, 0 | 0, 0] -> unit [1, 0, 0, 0]; teacher filters in partition order
+    # [0, 2 | 3, 4] -> / sqrt(29). Squared distance 1 + (4 + 9 + 16) / 29 = 2, mean over 4 elements 0.5.
+    s0, s1 = torch.tensor([[[[1.0, 0.0]]]]), torch.tensor([[[[0.0, 0.0]]]])
+    b = batch([[0.0, 0.0]], [[0.0, 0.0]], [s0, s1], TEACHER, [[1], [0]])
+    assert FilterTransfer(beta=3.0)(b).item() == pytest.approx(1.5, abs=1e-5)
+
+
+def test_filter_transfer_per_student():
+    # student 0: unit [1, 0] vs filter 1 unit [0, 1] -> squared distance 2, mean over 2 elements 1.0;
+    # student 1: all zeros (normalises to zeros) vs filter 0 unit [0.6, 0.8] -> 1, mean 0.5. Sum 1.5.
+    s0, s1 = torch.tensor([[[[1.0, 0.0]]]]), torch.tensor([[[[0.0, 0.0]]]])
+    b = batch([[0.0, 0.0]], [[0.0, 0.0]], [s0, s1], TEACHER, [[1], [0]])
+    assert FilterTransferPerStudent(beta=2.0)(b).item() == pytest.approx(3.0, abs=1e-5)
+    # a student map proportional to its filters costs nothing, whatever its scale
+    b = batch([[0.0, 0.0]], [[0.0, 0.0]], [TEACHER[:, 1:] * 7, TEACHER[:, :1] * 0.1], TEACHER, [[1], [0]])
+    assert FilterTransferPerStudent(beta=2.0)(b).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss", [FilterTransfer(), FilterTransferPerStudent()])
+def test_filter_transfer_knows_which_channel_is_which(loss):
+    """Swapping two channels of a student moves the filter-level loss; attention maps cannot see it."""
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.rand(2, 6, 3, 3, generator=g)
+    parts = [[4, 0, 2], [1, 5, 3]]
+    students = [teacher[:, p] + 0.05 * torch.rand(2, 3, 3, 3, generator=g) for p in parts]
+    swapped = [students[0][:, [1, 0, 2]], students[1]]
+    b, b_swapped = (batch([[0.0, 0.0]] * 2, [[0.0, 0.0]] * 2, s, teacher, parts, labels=(0, 1))
+                    for s in (students, swapped))
+    assert loss(b_swapped).item() > 10 * loss(b).item()
+    for attention in (AttentionMapTransfer(), AttentionMapTransferConcat()):
+        assert attention(b_swapped).item() == pytest.approx(attention(b).item(), rel=1e-5)
 
 
 def test_registry_builds_named_losses_and_refuses_unknown():
-    losses = build_losses({"kd": {"alpha": 0.5}, "at_paper": {"beta": 10}})
-    assert list(losses) == ["kd", "at_paper"] and losses["kd"].alpha == 0.5
+    losses = build_losses({"kd": {"alpha": 0.5}, "filter_transfer": {"beta": 10}})
+    assert list(losses) == ["kd", "filter_transfer"] and losses["kd"].alpha == 0.5
+    assert losses["filter_transfer"].beta == 10.0
     with pytest.raises(ValueError, match="unknown loss 'fitnet'"):
         build_losses({"fitnet": {}})
     with pytest.raises(ValueError, match="distill.losses.kd: bad options"):

@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,30 +19,28 @@ from tests.conftest import TINY
 
 
 @pytest.fixture(scope="session")
-def finished_run(tmp_path_factory) -> tuple[Path, float]:
+def finished_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("pipeline") / "run"
-    start = time.perf_counter()
     assert main(["run", "--config", str(TINY), "--run-dir", str(run_dir)]) == 0
-    return run_dir, time.perf_counter() - start
+    return run_dir
 
 
 def copy_run(finished_run, tmp_path: Path) -> Path:
     target = tmp_path / "run"
-    shutil.copytree(finished_run[0], target)
+    shutil.copytree(finished_run, target)
     return target
 
 
-def test_run_writes_every_artifact_quickly(finished_run):
-    run_dir, seconds = finished_run
+def test_run_writes_every_artifact(finished_run):
+    run_dir = finished_run
     for rel in ("config.yaml", "teacher/best.ckpt", "partition/partition.json", "partition/filter_graph.graphml",
                 "partition/partition.png", "students/best.ckpt", "export/manifest.json", "report.json", "report.md",
                 "failures.png"):
         assert (run_dir / rel).exists(), rel
-    assert seconds < 60, f"the synthetic pipeline took {seconds:.0f} s"
 
 
 def test_report_matches_the_bundle_and_lists_failures(finished_run):
-    report = json.loads((finished_run[0] / "report.json").read_text())
+    report = json.loads((finished_run / "report.json").read_text())
     nonn = report["nonn"]
     assert nonn["bundle_agreement"] == 1.0 and nonn["bundle_max_logit_diff"] < 1e-4
     assert nonn["test_acc_bundle"] == pytest.approx(nonn["test_acc_pytorch"])
@@ -51,12 +48,12 @@ def test_report_matches_the_bundle_and_lists_failures(finished_run):
     assert sum(d["output_width"] for d in nonn["devices"]) == 64  # every filter of the WRN-10-1 teacher
     assert all(d["bytes_sent_per_inference"] == 4 * d["output_width"] for d in nonn["devices"])
     assert len(report["model_parallel"]) == 2 and report["model_parallel"][0]["bytes_sent"] > nonn["total_bytes_sent"]
-    md = (finished_run[0] / "report.md").read_text()
+    md = (finished_run / "report.md").read_text()
     assert "Device failures" in md and "model parallelism" in md
 
 
 def test_rerun_redoes_nothing(finished_run, capsys):
-    run_dir = finished_run[0]
+    run_dir = finished_run
     stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.ckpt")}
     assert main(["run", "--config", str(TINY), "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
@@ -109,7 +106,7 @@ def test_python_dash_m_entry_point():
 def test_independent_script_reproduces_the_reported_accuracy(finished_run, tmp_path):
     from distill.data import ImageDataModule
 
-    run_dir = finished_run[0]
+    run_dir = finished_run
     dm = ImageDataModule(load_config(TINY)["data"], seed=0)
     dm.setup()
     import numpy as np
@@ -120,3 +117,14 @@ def test_independent_script_reproduces_the_reported_accuracy(finished_run, tmp_p
                           str(tmp_path / "y.npy")], capture_output=True, text=True, check=True).stdout
     reported = json.loads((run_dir / "report.json").read_text())["nonn"]["test_acc_bundle"]
     assert f"accuracy {reported:.4f}" in out
+
+
+def test_same_command_gives_the_same_students(finished_run, tmp_path):
+    """Seeded and with deterministic algorithms, retraining gives bit-identical weights and accuracy."""
+    run_dir = copy_run(finished_run, tmp_path)
+    assert main(["distill", "--config", str(TINY), "--run-dir", str(run_dir), "--force"]) == 0
+    weights = [torch.load(d / "students" / "best.ckpt", weights_only=True)["state_dict"] for d in (finished_run, run_dir)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    records = [json.loads((d / "stages" / "distill.json").read_text())["results"] for d in (finished_run, run_dir)]
+    assert records[0]["test_acc"] == records[1]["test_acc"]

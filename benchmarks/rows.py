@@ -1,0 +1,244 @@
+"""Benchmark rows: run them, keep one JSON record per finished row, render every table from the records.
+
+    python benchmarks/rows.py run TABLE [--rows A,B] [--seeds 0,1,2] [--work DIR] [--force]
+    python benchmarks/rows.py tables                      # rewrite the tables in benchmarks/README.md
+
+Rows and tables are declared in ``benchmarks/rows.yaml``. A row is ``nonn`` on one config with its
+overrides and a seed, in ``WORK/TABLE/ROW-seedS`` (a row that was interrupted resumes there from
+its last checkpoint). When it finishes, ``benchmarks/results/TABLE/ROW-seedS.json`` records the
+resolved config, git commit, hardware, wall time, accuracies, per-device cost and the failure table.
+A row with a record is not rerun unless ``--force``. Tables are written between
+``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` in the README, from the records alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "benchmarks" / "rows.yaml"
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "benchmarks" / "README.md"
+sys.path.insert(0, str(ROOT))
+
+from distill.io import read_json, write_json_atomic, write_text_atomic  # noqa: E402
+
+
+def load_spec() -> dict:
+    return yaml.safe_load(SPEC.read_text())
+
+
+def hardware() -> dict:
+    """What the row ran on, so that timings are only ever compared like with like."""
+    import torch
+
+    from distill.precision import native_bf16
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16_cpu": native_bf16("cpu"), "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def git_commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def record_path(table: str, row: str, seed: int) -> Path:
+    return RESULTS / table / f"{row}-seed{seed}.json"
+
+
+def commands_for(spec: dict, table: str, row: str, seed: int, run_dir: Path) -> list[list[str]]:
+    """The ``nonn`` commands of one row: the table's stages (default: ``run``), same options each."""
+    t, r = spec["tables"][table], spec["tables"][table]["rows"][row]
+    options = ["--config", r["config"], "--run-dir", str(run_dir), "--seed", str(seed),
+               "--trainer.progress_bar", "false"]
+    if spec.get("teacher"):
+        options += ["--teacher.checkpoint", spec["teacher"]]
+    for overrides in (t.get("overrides", {}), r.get("overrides", {})):
+        for key, value in overrides.items():
+            options += [f"--{key}", yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")]
+    return [[sys.executable, "-m", "distill", stage, *options] for stage in t.get("stages", ["run"])]
+
+
+def make_record(spec: dict, table: str, row: str, seed: int, run_dir: Path, seconds: float,
+                cmds: list[list[str]]) -> dict:
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    distill = read_json(run_dir / "stages" / "distill.json", "distill record")["results"]
+    record = {"table": table, "row": row, "label": spec["tables"][table]["rows"][row]["label"], "seed": seed,
+              "commands": [" ".join(["nonn", *c[3:]]).replace(str(run_dir), "RUN_DIR") for c in cmds], "git_commit": git_commit(),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "hardware": hardware(),
+              "wall_seconds": round(seconds, 1), "distill": distill, "config": config}
+    if not spec["tables"][table].get("validation_only"):
+        report = read_json(run_dir / "report.json", "report")
+        n = report["nonn"]
+        record["test_acc"] = n["test_acc_bundle"]
+        record["teacher"] = {k: report["teacher"][k] for k in ("arch", "test_acc", "params", "macs")}
+        record["devices"] = [{k: d[k] for k in ("arch", "output_width", "params", "macs", "bytes_sent_per_inference")}
+                             for d in n["devices"]]
+        record["failures"] = report["failures"]
+    else:
+        record["distill"].pop("test_acc", None)  # a sweep chooses by validation; the test set stays unseen
+    return record
+
+
+def run_rows(table: str, rows: list[str] | None, seeds: list[int] | None, work: Path, force: bool) -> None:
+    spec = load_spec()
+    if table not in spec["tables"]:
+        sys.exit(f"rows.py: unknown table {table!r}; {SPEC} has: {', '.join(spec['tables'])}")
+    t = spec["tables"][table]
+    for row in rows or list(t["rows"]):
+        if row not in t["rows"]:
+            sys.exit(f"rows.py: table {table!r} has no row {row!r}; it has: {', '.join(t['rows'])}")
+        for seed in seeds if seeds is not None else t["rows"][row].get("seeds", [0]):
+            out = record_path(table, row, seed)
+            if out.exists() and not force:
+                print(f"[rows] {table}/{row} seed {seed}: recorded in {out.relative_to(ROOT)}", flush=True)
+                continue
+            run_dir = work / table / f"{row}-seed{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cmds = commands_for(spec, table, row, seed, run_dir)
+            print(f"[rows] {table}/{row} seed {seed}: {' '.join(cmds[-1][1:])}", flush=True)
+            start = time.perf_counter()
+            with open(run_dir / "rows.log", "a") as log:
+                code = next((c for cmd in cmds if (c := subprocess.run(cmd, cwd=ROOT, stdout=log,
+                                                                       stderr=subprocess.STDOUT).returncode)), 0)
+            seconds = time.perf_counter() - start
+            if code != 0:
+                print(f"[rows] {table}/{row} seed {seed}: failed (exit {code}), see {run_dir / 'rows.log'}",
+                      flush=True)
+                continue
+            write_json_atomic(out, make_record(spec, table, row, seed, run_dir, seconds, cmds))
+            print(f"[rows] {table}/{row} seed {seed}: done in {seconds:.0f} s -> {out.relative_to(ROOT)}", flush=True)
+
+
+# --- tables ------------------------------------------------------------------------------------
+
+def records(table: str) -> dict[str, list[dict]]:
+    """The records of one table by row, rows in the order ``rows.yaml`` declares them."""
+    by_row: dict[str, list[dict]] = {}
+    for path in sorted((RESULTS / table).glob("*.json")):
+        r = json.loads(path.read_text())
+        by_row.setdefault(r["row"], []).append(r)
+    order = list(load_spec()["tables"][table]["rows"])
+    return dict(sorted(by_row.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+
+
+def pct(values: list[float]) -> str:
+    """Mean (± sample std over seeds when there are several), in percent."""
+    mean = 100 * statistics.mean(values)
+    if len(values) < 2:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def failure_mean(record: dict, count: int) -> float | None:
+    accs = [f["accuracy"] for f in record["failures"] if len(f["missing"]) == count]
+    return statistics.mean(accs) if accs else None
+
+
+def losses_text(config: dict) -> str:
+    return ", ".join(f"{name} {' '.join(f'{k}={v:g}' for k, v in (opts or {}).items())}".strip()
+                     for name, opts in config["distill"]["losses"].items())
+
+
+def sweep_table(spec: dict, table: str) -> list[str]:
+    lines = ["| row | losses | precision | epochs | seeds | best validation accuracy (%) |",
+             "|---|---|---|---|---|---|"]
+    for row, rs in records(table).items():
+        c = rs[0]["config"]
+        lines.append(f"| {rs[0]['label']} | {losses_text(c)} | {rs[0]['distill']['precision']} | "
+                     f"{c['distill']['epochs']} | {len(rs)} | {pct([r['distill']['best_val_acc'] for r in rs])} |")
+    return lines
+
+
+def method_table(spec: dict, table: str) -> list[str]:
+    lines = ["| method | test accuracy (%) | seeds | best val (%) | params per device | MACs per device | "
+             "bytes sent per inference | 1 device down (%) | 2 devices down (%) | wall time per row |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    teacher = None
+    for row, rs in records(table).items():
+        r0 = rs[0]
+        teacher = teacher or r0["teacher"]
+        devices = r0["devices"]
+        downs = []
+        for count in (1, 2):
+            values = [v for r in rs if (v := failure_mean(r, count)) is not None]
+            downs.append(pct(values) if values else "-")
+        lines.append(f"| {r0['label']} | {pct([r['test_acc'] for r in rs])} | {len(rs)} | "
+                     f"{pct([r['distill']['best_val_acc'] for r in rs])} | {max(d['params'] for d in devices):,} | "
+                     f"{max(d['macs'] for d in devices) / 1e6:.2f} M | "
+                     f"{sum(d['bytes_sent_per_inference'] for d in devices)} B | {downs[0]} | {downs[1]} | "
+                     f"{statistics.mean(r['wall_seconds'] for r in rs) / 60:.0f} min |")
+    if teacher:
+        lines.insert(2, f"| teacher {teacher['arch']} | {100 * teacher['test_acc']:.2f} | - | - | "
+                        f"{teacher['params']:,} | {teacher['macs'] / 1e6:.2f} M | - | - | - | - |")
+    return lines
+
+
+def hardware_line(table: str) -> str:
+    seen = sorted({(r["hardware"]["cpu"], r["hardware"]["cpu_cores"], r["hardware"].get("gpu", ""),
+                    r["distill"]["precision"]) for rs in records(table).values() for r in rs})
+    return "Ran on: " + "; ".join(f"{cpu}, {cores} cores{', ' + gpu if gpu else ''}, {prec}"
+                                  for cpu, cores, gpu, prec in seen) + "."
+
+
+RENDERERS = {"sweep": sweep_table, "methods": method_table}
+
+
+def render_tables() -> None:
+    spec = load_spec()
+    text = README.read_text()
+    for table, t in spec["tables"].items():
+        begin, end = f"<!-- table:{table} -->", f"<!-- /table:{table} -->"
+        if begin not in text or end not in text:
+            print(f"[rows] {README.name} has no {begin} ... {end} block; table {table} not written")
+            continue
+        body = RENDERERS[t["kind"]](spec, table)
+        block = "\n".join([begin, "", *body, "", hardware_line(table), "", end]) if len(body) > 2 else \
+            f"{begin}\n\n(no records yet)\n\n{end}"
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    write_text_atomic(README, text)
+    print(f"[rows] tables written to {README}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the rows of one table that have no record yet")
+    run.add_argument("table")
+    run.add_argument("--rows", help="comma-separated row names (default: all)")
+    run.add_argument("--seeds", help="comma-separated seeds (default: each row's own)")
+    run.add_argument("--work", type=Path, default=ROOT / "runs" / "bench", help="where the run folders go")
+    run.add_argument("--force", action="store_true", help="rerun rows that have a record")
+    sub.add_parser("tables", help="rewrite the tables in benchmarks/README.md from the records")
+    args = parser.parse_args()
+    if args.command == "run":
+        run_rows(args.table, args.rows.split(",") if args.rows else None,
+                 [int(s) for s in args.seeds.split(",")] if args.seeds else None, args.work, args.force)
+    else:
+        render_tables()
+
+
+if __name__ == "__main__":
+    main()

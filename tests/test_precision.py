@@ -1,0 +1,44 @@
+"""Precision follows the hardware: bf16 only where it is native, with a warning where it was asked for."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.precision import resolve_precision
+from distill.stages import Context, run_stage
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """Pretend the CPU does (True) or does not (False) compute bf16 natively."""
+    def set_native(native: bool) -> None:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return set_native
+
+
+def test_auto_picks_bf16_only_where_native(cpu_bf16):
+    cpu_bf16(True)
+    assert resolve_precision("auto", "cpu") == "bf16-mixed"
+    cpu_bf16(False)
+    assert resolve_precision("auto", "cpu") == "32-true"
+
+
+def test_bf16_request_without_native_bf16_falls_back_with_a_warning(cpu_bf16):
+    cpu_bf16(False)
+    with pytest.warns(UserWarning, match="trainer.precision=bf16-mixed: this CPU has no native bf16"):
+        assert resolve_precision("bf16-mixed", "cpu") == "32-true"
+    cpu_bf16(True)
+    assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    assert resolve_precision("32-true", "cpu") == "32-true"
+
+
+def test_training_stage_records_the_precision_it_used(tiny_config, cpu_bf16):
+    cpu_bf16(False)
+    tiny_config["teacher"]["epochs"] = 1
+    tiny_config["trainer"]["precision"] = "bf16-mixed"
+    with pytest.warns(UserWarning, match="no native bf16"):
+        results = run_stage(Context(tiny_config, Path(tiny_config["run_dir"])), "teacher")
+    assert results["precision"] == "32-true"
