@@ -66,12 +66,12 @@ class StepTimer(pl.Callback):
         self.timings.append(time.perf_counter() - self._t)
 
 
-def lightning_nonn(batches: list, steps: int, channels_last: bool, precision: str) -> float:
+def lightning_nonn(batches: list, steps: int, channels_last: bool, precision: str, deterministic: bool = False) -> float:
     module = make_nonn(channels_last)
     timer = StepTimer()
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                         limit_val_batches=0, precision=precision)
+                         limit_val_batches=0, precision=precision, deterministic=deterministic)
     loader = TensorBatches(torch.cat([b[0] for b in batches]).mul(255).to(torch.uint8),
                            torch.cat([b[1] for b in batches]), BATCH, shuffle=True, drop_last=True)
     trainer.fit(module, train_dataloaders=loader)
@@ -117,17 +117,19 @@ def main() -> None:
     rows = [("in-memory loader, Fashion-MNIST train split, crop+flip", f"{loader_throughput(dm):,.0f}"),
             ("teacher WRN-16-2 training step (plain PyTorch, channels_last)",
              f"{teacher_step_throughput(batches, args.steps):,.0f}")]
-    plain, lightning, lightning_bf16, lightning_nchw = [], [], [], []
+    plain, lightning, lightning_bf16, lightning_nchw, deterministic = [], [], [], [], []
     for _ in range(args.repeats):  # interleaved so that background load hits both alike
         plain.append(plain_nonn(batches, args.steps))
         lightning.append(lightning_nonn(batches, args.steps, True, "32-true"))
         lightning_nchw.append(lightning_nonn(batches, args.steps, False, "32-true"))
         lightning_bf16.append(lightning_nonn(batches, args.steps, True, "bf16-mixed"))
+        deterministic.append(lightning_nonn(batches, args.steps, True, "32-true", deterministic=True))
     p, l_ = max(plain), max(lightning)
     rows += [("NoNN K=2 step, plain PyTorch loop (WRN-16-2 teacher, 2x WRN-10-1)", f"{p:,.0f}"),
              ("NoNN K=2 step, NoNNModule + Lightning Trainer, fp32 channels_last", f"{l_:,.0f} ({l_ / p:.2f}x plain)"),
              ("NoNN K=2 step, Lightning, fp32 NCHW", f"{max(lightning_nchw):,.0f}"),
-             ("NoNN K=2 step, Lightning, bf16-mixed channels_last", f"{max(lightning_bf16):,.0f}")]
+             ("NoNN K=2 step, Lightning, bf16-mixed channels_last", f"{max(lightning_bf16):,.0f}"),
+             ("NoNN K=2 step, Lightning, fp32 channels_last, deterministic algorithms", f"{max(deterministic):,.0f}")]
     table = ["| what | images/s |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     header = (f"Batch {BATCH}, best of {args.repeats} interleaved repeats of the median step over {args.steps} steps; "
               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.")

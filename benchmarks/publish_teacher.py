@@ -9,6 +9,7 @@ accuracies, epochs, training time, hardware and the command that made it.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -27,20 +28,25 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="a run folder whose teacher stage finished")
     parser.add_argument("out", type=Path, help="where the weights-only checkpoint goes (.ckpt)")
     parser.add_argument("--command", required=True, help="the nonn command that trained it, for the record")
+    parser.add_argument("--trained-at", required=True, help="git commit of the code that trained it")
+    parser.add_argument("--seconds", type=float, help="training wall time, where the run did not record it")
     args = parser.parse_args()
     ckpt = torch.load(args.run_dir / "teacher" / "best.ckpt", map_location="cpu", weights_only=True)
     weights = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    buffer = io.BytesIO()  # saved via a buffer: the zip's inner names then never depend on a temporary file name
+    torch.save({"state_dict": weights}, buffer)
     with atomic_path(args.out) as tmp:
-        torch.save({"state_dict": weights}, tmp)
+        tmp.write_bytes(buffer.getvalue())
     config = yaml.safe_load((args.run_dir / "config.yaml").read_text())
     results = read_json(args.run_dir / "stages" / "teacher.json", "teacher record")["results"]
     write_json_atomic(args.out.with_suffix(".json"), {
         "file": args.out.name, "sha256": sha256_file(args.out), "arch": config["teacher"]["arch"],
         "dataset": config["data"]["dataset"], "data": config["data"], "teacher": config["teacher"],
         "seed": config["seed"], "test_acc": results["test_acc"], "best_val_acc": results["best_val_acc"],
-        "precision": results.get("precision"), "fit_seconds": results.get("fit_seconds"),
-        "command": args.command,
-        "source_checkpoint_sha256": results["teacher_sha256"], "git_commit": git_commit(), "hardware": hardware(),
+        "precision": results.get("precision", config["trainer"]["precision"]),
+        "fit_seconds": results.get("fit_seconds", args.seconds), "command": args.command,
+        "source_checkpoint_sha256": results["teacher_sha256"], "trained_at_commit": args.trained_at,
+        "published_at_commit": git_commit(), "hardware": hardware(),
     })
     print(f"{args.out}: {args.out.stat().st_size / 2**20:.1f} MiB, test accuracy {results['test_acc']:.4f}")
 

@@ -161,19 +161,37 @@ def losses_text(config: dict) -> str:
                      for name, opts in config["distill"]["losses"].items())
 
 
+def epoch_seconds(rs: list[dict]) -> str:
+    """Training wall time per epoch (fit only: no partition, export or evaluation)."""
+    return f"{statistics.mean(r['distill']['fit_seconds'] / r['distill']['epochs'] for r in rs):.0f} s"
+
+
 def sweep_table(spec: dict, table: str) -> list[str]:
-    lines = ["| row | losses | precision | epochs | seeds | best validation accuracy (%) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| row | losses | precision | epochs | seeds | best validation accuracy (%) | training time per epoch |",
+             "|---|---|---|---|---|---|---|"]
     for row, rs in records(table).items():
         c = rs[0]["config"]
         lines.append(f"| {rs[0]['label']} | {losses_text(c)} | {rs[0]['distill']['precision']} | "
-                     f"{c['distill']['epochs']} | {len(rs)} | {pct([r['distill']['best_val_acc'] for r in rs])} |")
+                     f"{c['distill']['epochs']} | {len(rs)} | {pct([r['distill']['best_val_acc'] for r in rs])} | "
+                     f"{epoch_seconds(rs)} |")
+    return lines
+
+
+def teachers_table() -> list[str]:
+    """The committed teachers, from the records beside their weights."""
+    lines = ["| teacher | dataset | epochs | precision | test accuracy (%) | best val (%) | training time | sha256 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in sorted((ROOT / "benchmarks" / "teachers").glob("*.json")):
+        t = json.loads(path.read_text())
+        lines.append(f"| `{t['file']}` ({t['arch']}) | {t['dataset']} | {t['teacher']['epochs']} | {t['precision']} | "
+                     f"{100 * t['test_acc']:.2f} | {100 * t['best_val_acc']:.2f} | {t['fit_seconds'] / 60:.0f} min on "
+                     f"{t['hardware']['cpu']}, {t['hardware']['cpu_cores']} cores | `{t['sha256'][:12]}...` |")
     return lines
 
 
 def method_table(spec: dict, table: str) -> list[str]:
     lines = ["| method | test accuracy (%) | seeds | best val (%) | params per device | MACs per device | "
-             "bytes sent per inference | 1 device down (%) | 2 devices down (%) | wall time per row |",
+             "bytes sent per inference | 1 device down (%) | 2 devices down (%) | training time per epoch |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     teacher = None
     for row, rs in records(table).items():
@@ -188,7 +206,7 @@ def method_table(spec: dict, table: str) -> list[str]:
                      f"{pct([r['distill']['best_val_acc'] for r in rs])} | {max(d['params'] for d in devices):,} | "
                      f"{max(d['macs'] for d in devices) / 1e6:.2f} M | "
                      f"{sum(d['bytes_sent_per_inference'] for d in devices)} B | {downs[0]} | {downs[1]} | "
-                     f"{statistics.mean(r['wall_seconds'] for r in rs) / 60:.0f} min |")
+                     f"{epoch_seconds(rs)} |")
     if teacher:
         lines.insert(2, f"| teacher {teacher['arch']} | {100 * teacher['test_acc']:.2f} | - | - | "
                         f"{teacher['params']:,} | {teacher['macs'] / 1e6:.2f} M | - | - | - | - |")
@@ -208,16 +226,17 @@ RENDERERS = {"sweep": sweep_table, "methods": method_table}
 def render_tables() -> None:
     spec = load_spec()
     text = README.read_text()
+    blocks = {"teachers": teachers_table()}
     for table, t in spec["tables"].items():
-        begin, end = f"<!-- table:{table} -->", f"<!-- /table:{table} -->"
-        if begin not in text or end not in text:
-            print(f"[rows] {README.name} has no {begin} ... {end} block; table {table} not written")
-            continue
         body = RENDERERS[t["kind"]](spec, table)
-        block = "\n".join([begin, "", *body, "", hardware_line(table), "", end]) if len(body) > 2 else \
-            f"{begin}\n\n(no records yet)\n\n{end}"
+        blocks[table] = [*body, "", hardware_line(table)] if len(body) > 2 else ["(no records yet)"]
+    for name, body in blocks.items():
+        begin, end = f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
+        if begin not in text or end not in text:
+            print(f"[rows] {README.name} has no {begin} ... {end} block; table {name} not written")
+            continue
         head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
+        text = head + "\n".join([begin, "", *body, "", end]) + rest.split(end, 1)[1]
     write_text_atomic(README, text)
     print(f"[rows] tables written to {README}")
 

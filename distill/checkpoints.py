@@ -11,16 +11,30 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not fit the model the config describes."""
 
 
+def _read(path: Path, what: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling/zip error means the file is unusable
+        raise CheckpointError(f"{path}: corrupt or unreadable {what} checkpoint ({type(e).__name__}: {e}); "
+                              "delete it and rerun the stage with --force") from e
+
+
+def checkpoint_epoch(path: Path, what: str) -> int:
+    """The last finished epoch recorded in a Lightning checkpoint (to resume after it)."""
+    ckpt = _read(path, what)
+    if "epoch" not in ckpt:
+        raise CheckpointError(f"{path}: {what} checkpoint has no epoch; delete it and rerun the stage with --force")
+    return int(ckpt["epoch"])
+
+
 def load_weights(model: nn.Module, path: Path, prefix: str, what: str) -> None:
     """Load the ``prefix``-ed entries of a Lightning checkpoint's state_dict into ``model`` (strict)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: {what} checkpoint not found; run the stage that trains it first")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        state = ckpt["state_dict"]
-    except Exception as e:  # noqa: BLE001 - any unpickling/zip error means the file is unusable
-        raise CheckpointError(f"{path}: corrupt or unreadable {what} checkpoint ({type(e).__name__}: {e}); "
-                              "delete it and rerun the stage with --force") from e
+    ckpt = _read(path, what)
+    if "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a {what} checkpoint (no state_dict); point the config at a best.ckpt")
+    state = ckpt["state_dict"]
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     try:
         model.load_state_dict(weights, strict=True)

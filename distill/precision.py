@@ -1,7 +1,10 @@
 """Training precision chosen by what the hardware is fast at, never blindly.
 
-bf16 autocast is 1.7x faster than fp32 on a CPU with AVX-512 BF16 or AMX, but about 10x *slower* on
-one without (oneDNN emulates it), so ``bf16`` is only used where the hardware does it natively.
+Measured (benchmarks/README.md): on a Zen 5 EPYC with AVX-512 BF16, bf16-mixed made a NoNN step
+1.7x faster; on an Intel Xeon with AVX-512 BF16 but no AMX it made 3-epoch distillations 1.15x
+*slower*; on an AVX2-only EPYC (oneDNN emulates bf16) 10x slower. So on a CPU ``auto`` only picks
+bf16 where AMX does the work; AVX-512 BF16 alone is opt-in (``bf16-mixed``) after measuring with
+``benchmarks/bench_throughput.py``. On a GPU ``auto`` picks bf16 wherever it is supported.
 """
 from __future__ import annotations
 
@@ -23,15 +26,23 @@ def native_bf16(accelerator: str) -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def fast_bf16(accelerator: str) -> bool:
+    """Whether bf16 is reliably faster than fp32 here: a bf16-capable GPU, or a CPU with AMX."""
+    if _on_gpu(accelerator):
+        return native_bf16(accelerator)
+    return bool(torch.cpu._is_amx_tile_supported())
+
+
 def resolve_precision(requested: str, accelerator: str = "auto") -> str:
     """The Lightning precision to train with.
 
-    ``auto`` -> ``bf16-mixed`` where bf16 is native, else ``32-true``. An explicit bf16 request on
-    hardware without native bf16 falls back to ``32-true`` with a one-line warning.
+    ``auto`` -> ``bf16-mixed`` where bf16 is reliably faster (:func:`fast_bf16`), else ``32-true``.
+    An explicit bf16 request on hardware without native bf16 falls back to ``32-true`` with a
+    one-line warning.
     """
     requested = str(requested)
     if requested == "auto":
-        return "bf16-mixed" if native_bf16(accelerator) else "32-true"
+        return "bf16-mixed" if fast_bf16(accelerator) else "32-true"
     if requested in BF16 and not native_bf16(accelerator):
         warnings.warn(f"trainer.precision={requested}: this {'GPU' if _on_gpu(accelerator) else 'CPU'} has "
                       "no native bf16 (it would run several times slower); training in 32-true instead",

@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from distill.checkpoints import load_weights
+from distill.checkpoints import checkpoint_epoch, load_weights
 from distill.config import dump_config
 from distill.data import ImageDataModule
 from distill.io import read_json, sha256_file, write_json_atomic, write_text_atomic
@@ -218,6 +218,7 @@ def _fit(ctx: Context, stage_dir: Path, module: pl.LightningModule, dm: ImageDat
     current = fingerprint(ctx, stage)
     last = stage_dir / "last.ckpt"
     resume = (not ctx.force and last.exists() and marker.exists() and marker.read_text() == current)
+    resumed_epoch = checkpoint_epoch(last, f"{stage} last") if resume else None
     sync_processes()  # every process decides on resuming before rank 0 touches the folder
     if not is_worker():  # rank 0 alone prepares the folder
         if not resume and stage_dir.exists():
@@ -225,12 +226,16 @@ def _fit(ctx: Context, stage_dir: Path, module: pl.LightningModule, dm: ImageDat
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(marker, current)
     checkpoint = ModelCheckpoint(dirpath=stage_dir, filename="best", monitor="val/acc", mode="max",
-                                 save_last=True, save_top_k=1, enable_version_counter=False)
+                                 save_top_k=1, enable_version_counter=False)
+    # every epoch, improved or not, so that a killed run resumes from its true last epoch
+    every_epoch = ModelCheckpoint(dirpath=stage_dir, filename="last", monitor=None, save_top_k=1,
+                                  enable_version_counter=False)
     tc = ctx.config["trainer"]
     trainer = pl.Trainer(max_epochs=epochs, accelerator=tc["accelerator"], devices=tc["devices"],
                          strategy=tc["strategy"], num_nodes=tc["num_nodes"],
-                         precision=resolve_precision(tc["precision"], tc["accelerator"]), logger=lightning_loggers(tracker, stage_dir),
-                         callbacks=[checkpoint], enable_progress_bar=ctx.progress, enable_model_summary=False,
+                         precision=resolve_precision(tc["precision"], tc["accelerator"]),
+                         logger=lightning_loggers(tracker, stage_dir, resumed_epoch),
+                         callbacks=[checkpoint, every_epoch], enable_progress_bar=ctx.progress, enable_model_summary=False,
                          limit_train_batches=tc["limit_train_batches"], limit_val_batches=tc["limit_val_batches"],
                          deterministic=tc["deterministic"], num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=str(stage_dir))
     if resume:

@@ -5,6 +5,7 @@ into wandb is guarded: a tracking failure prints one warning and the stage goes 
 """
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import warnings
@@ -103,9 +104,35 @@ class SafeWandbLogger(WandbLogger):
             _warn("hyperparameter logging", e)
 
 
-def lightning_loggers(tracker: Tracker, stage_dir: Path) -> list[Logger]:
-    """A local CSV log always; W&B when the tracker has a run."""
-    loggers: list[Logger] = [CSVLogger(save_dir=str(stage_dir), name="logs", version="")]
+class ResumedCSVLogger(CSVLogger):
+    """Lightning's CSVLogger deletes an existing metrics.csv; a resumed run keeps the rows of the
+    epochs it does not redo (``epoch <= last_epoch``), so the history survives an interruption."""
+
+    def __init__(self, *args: Any, last_epoch: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_epoch = last_epoch
+
+    @property
+    def experiment(self) -> Any:
+        if self._experiment is not None:
+            return self._experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        kept: list[dict] = []
+        if path.is_file():
+            with open(path, newline="") as f:
+                kept = [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)
+                        if row.get("epoch", "").isdigit() and int(row["epoch"]) <= self.last_epoch]
+        writer = super().experiment
+        if hasattr(writer, "metrics"):  # rank 0's writer (other ranks get a dummy)
+            writer.metrics[:0] = kept
+        return writer
+
+
+def lightning_loggers(tracker: Tracker, stage_dir: Path, resumed_epoch: int | None = None) -> list[Logger]:
+    """A local CSV log always (continued when resuming after ``resumed_epoch``); W&B when the tracker has a run."""
+    options = {"save_dir": str(stage_dir), "name": "logs", "version": ""}
+    csv_logger = CSVLogger(**options) if resumed_epoch is None else ResumedCSVLogger(**options, last_epoch=resumed_epoch)
+    loggers: list[Logger] = [csv_logger]
     if tracker.run is not None:
         loggers.append(SafeWandbLogger(experiment=tracker.run))
     return loggers

@@ -38,7 +38,8 @@ def test_tables_render_from_records(tmp_path, monkeypatch):
     for seed, acc in ((0, 0.90), (1, 0.92)):
         record = {"row": "nonn_k2", "label": "NoNN K=2", "seed": seed, "config": config, "hardware": hardware,
                   "wall_seconds": 600.0, "test_acc": acc,
-                  "distill": {"best_val_acc": acc + 0.01, "precision": "bf16-mixed"},
+                  "distill": {"best_val_acc": acc + 0.01, "precision": "bf16-mixed", "fit_seconds": 1500.0,
+                              "epochs": 15},
                   "teacher": {"arch": "wrn_16_2", "test_acc": 0.94, "params": 691386, "macs": 77_000_000},
                   "devices": [{"params": 81136, "macs": 9_550_000, "bytes_sent_per_inference": 256}] * 2,
                   "failures": [{"missing": [], "accuracy": acc}, {"missing": [0], "accuracy": 0.7},
@@ -51,5 +52,5 @@ def test_tables_render_from_records(tmp_path, monkeypatch):
     assert text.startswith("intro\n") and text.endswith("end\n") and "old" not in text
     line = next(l for l in text.splitlines() if l.startswith("| NoNN K=2"))
     # mean ± sample std over the two seeds: 91.00 ± 1.41; failures: mean of [0.7, 0.8] per seed = 75.00 ± 0.00
-    assert "| 91.00 ± 1.41 | 2 | 92.00 ± 1.41 | 81,136 | 9.55 M | 512 B | 75.00 ± 0.00 | - | 10 min |" in line
+    assert "| 91.00 ± 1.41 | 2 | 92.00 ± 1.41 | 81,136 | 9.55 M | 512 B | 75.00 ± 0.00 | - | 100 s |" in line
     assert "| teacher wrn_16_2 | 94.00 |" in text and "Test CPU, 2 cores, bf16-mixed" in text

@@ -39,6 +39,13 @@ def test_run_writes_every_artifact(finished_run):
         assert (run_dir / rel).exists(), rel
 
 
+def test_teacher_and_students_learn(finished_run):
+    """4 synthetic classes (chance 25%): both stages must learn far above chance in two epochs."""
+    report = json.loads((finished_run / "report.json").read_text())
+    assert report["teacher"]["test_acc"] >= 0.8
+    assert report["nonn"]["test_acc_bundle"] >= 0.7
+
+
 def test_report_matches_the_bundle_and_lists_failures(finished_run):
     report = json.loads((finished_run / "report.json").read_text())
     nonn = report["nonn"]

@@ -29,7 +29,7 @@ def test_teacher_trains_is_interrupted_and_resumes(tiny_config, crash_in_second_
     batches_per_epoch = (tiny_config["data"]["synthetic"]["train_size"] - tiny_config["data"]["val_size"]) // \
         tiny_config["data"]["batch_size"]
     assert last["epoch"] == 2 and last["global_step"] == 3 * batches_per_epoch
-    assert (ctx.run_dir / "teacher" / "best.ckpt").exists() and 0.0 <= results["test_acc"] <= 1.0
+    assert (ctx.run_dir / "teacher" / "best.ckpt").exists() and results["test_acc"] >= 0.5  # chance: 0.25
     saved = (ctx.run_dir / "config.yaml").read_text()
     assert "seed: 0" in saved and "epochs: 3" in saved
     assert (ctx.run_dir / "teacher" / "logs" / "metrics.csv").exists()
