@@ -79,7 +79,9 @@ DEFAULTS: dict[str, Any] = {
         "milestones": [0.5, 0.75],
         "losses": {                  # name -> options; see distill/losses.py for the registry
             "kd": {"alpha": 0.9, "temperature": 4.0},
-            "filter_transfer": {"beta": 1.0e4},  # NoNN's filter-level activation transfer (prototype's reduction)
+            # NoNN's filter-level activation transfer, normalised per student (chosen by the validation
+            # sweep in benchmarks/README.md over the prototype's concatenated form and beta)
+            "filter_transfer_per_student": {"beta": 1.0e4},
         },
         "student_dropout": 0.0,      # probability of dropping each student's vector in training
     },
