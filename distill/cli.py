@@ -6,6 +6,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
 from distill.config import ConfigError, load_config, run_dir_of
 from distill.stages import STAGES, Context, run_stage
 
@@ -56,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as e:
         print(f"nonn: error: {e}", file=sys.stderr)
         return 1
+    except (SIGTERMException, KeyboardInterrupt) as e:
+        # Lightning turns SIGTERM into a SystemExit with code 0: an unfinished stage must not look finished
+        name = "SIGTERM" if isinstance(e, SIGTERMException) else "SIGINT"
+        print(f"nonn: stopped by {name}; finished epochs are kept, rerun the same command to resume", file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
     if args.command in ("run", "evaluate"):
         print((ctx.run_dir / "report.md").read_text())
     return 0
