@@ -85,7 +85,8 @@ def make_record(spec: dict, table: str, row: str, seed: int, run_dir: Path, seco
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     distill = read_json(run_dir / "stages" / "distill.json", "distill record")["results"]
     record = {"table": table, "row": row, "label": spec["tables"][table]["rows"][row]["label"], "seed": seed,
-              "commands": [" ".join(["nonn", *c[3:]]).replace(str(run_dir), "RUN_DIR") for c in cmds], "git_commit": git_commit(),
+              "commands": [" ".join(["nonn", *c[3:]]).replace(str(run_dir), "RUN_DIR") for c in cmds],
+              "git_commit": git_commit(),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "hardware": hardware(),
               "wall_seconds": round(seconds, 1), "distill": distill, "config": config}
     if not spec["tables"][table].get("validation_only"):
@@ -162,8 +163,10 @@ def losses_text(config: dict) -> str:
 
 
 def epoch_seconds(rs: list[dict]) -> str:
-    """Training wall time per epoch (fit only: no partition, export or evaluation)."""
-    return f"{statistics.mean(r['distill']['fit_seconds'] / r['distill']['epochs'] for r in rs):.0f} s"
+    """Training wall time per epoch (fit only: no partition, export or evaluation), over the epochs the
+    last invocation trained (a resumed row trained fewer)."""
+    per_epoch = [r["distill"]["fit_seconds"] / r["distill"].get("fit_epochs", r["distill"]["epochs"]) for r in rs]
+    return f"{statistics.mean(per_epoch):.0f} s"
 
 
 def sweep_table(spec: dict, table: str) -> list[str]:

@@ -53,7 +53,44 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float().flatten(1), dim=1)
 
 
-class FilterTransfer(nn.Module):
+def attention_map(fmap: torch.Tensor) -> torch.Tensor:
+    """F(A) = sum_c |A_c|^2 over channels, flattened and L2-normalised (Zagoruyko & Komodakis)."""
+    return F.normalize(fmap.float().pow(2).sum(dim=1).flatten(1), dim=1)
+
+
+def _mean_squared(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (s - t).pow(2).mean()
+
+
+def _squared_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-image squared L2 distance, averaged over the batch."""
+    return (s - t).pow(2).sum(dim=1).mean()
+
+
+class _Transfer(nn.Module):
+    """What every transfer loss shares: a signal of the student maps matched to the same signal of the
+    teacher's partition filters (in partition order), either per student and summed, or once over
+    the K maps concatenated along channels; beta * distance."""
+
+    per_student: bool
+    signal: Callable[[torch.Tensor], torch.Tensor]
+    distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    default_beta: float
+
+    def __init__(self, beta: float | None = None) -> None:
+        super().__init__()
+        self.beta = float(self.default_beta if beta is None else beta)
+
+    def forward(self, b: DistillBatch) -> torch.Tensor:
+        pairs = list(zip(b.student_maps, b.partitions)) if self.per_student else \
+            [(torch.cat(list(b.student_maps), dim=1), torch.cat(list(b.partitions)))]
+        total = b.teacher_map.new_zeros((), dtype=torch.float32)
+        for smap, idx in pairs:
+            total = total + self.distance(self.signal(smap), self.signal(b.teacher_map.index_select(1, idx)))
+        return self.beta * total
+
+
+class FilterTransfer(_Transfer):
     """NoNN's activation transfer, the prototype's reduction (``actTransfer_loss`` in student.py).
 
     The K student maps are concatenated along channels and the teacher's final map is restricted to
@@ -62,72 +99,46 @@ class FilterTransfer(nn.Module):
     beta * mean over all elements of the squared difference.
     """
 
-    def __init__(self, beta: float = 1.0e4) -> None:
-        super().__init__()
-        self.beta = float(beta)
-
-    def forward(self, b: DistillBatch) -> torch.Tensor:
-        student = torch.cat(list(b.student_maps), dim=1)
-        teacher = b.teacher_map.index_select(1, torch.cat(list(b.partitions)))
-        return self.beta * (_unit_rows(student) - _unit_rows(teacher)).pow(2).mean()
+    per_student = False
+    signal = staticmethod(_unit_rows)
+    distance = staticmethod(_mean_squared)
+    default_beta = 1.0e4
 
 
-class FilterTransferPerStudent(nn.Module):
+class FilterTransferPerStudent(_Transfer):
     """Filter-level transfer normalised per student: beta * sum_i mean (S_i/|S_i| - T[P_i]/|T[P_i]|)^2.
 
     Unlike :class:`FilterTransfer`, one student's scale cannot crowd out another's: each device's
     map is matched to its own filters on its own.
     """
 
-    def __init__(self, beta: float = 1.0e4) -> None:
-        super().__init__()
-        self.beta = float(beta)
-
-    def forward(self, b: DistillBatch) -> torch.Tensor:
-        total = b.teacher_map.new_zeros((), dtype=torch.float32)
-        for smap, idx in zip(b.student_maps, b.partitions):
-            total = total + (_unit_rows(smap) - _unit_rows(b.teacher_map.index_select(1, idx))).pow(2).mean()
-        return self.beta * total
+    per_student = True
+    signal = staticmethod(_unit_rows)
+    distance = staticmethod(_mean_squared)
+    default_beta = 1.0e4
 
 
-def attention_map(fmap: torch.Tensor) -> torch.Tensor:
-    """F(A) = sum_c |A_c|^2 over channels, flattened and L2-normalised (Zagoruyko & Komodakis)."""
-    return F.normalize(fmap.float().pow(2).sum(dim=1).flatten(1), dim=1)
-
-
-class AttentionMapTransfer(nn.Module):
+class AttentionMapTransfer(_Transfer):
     """Attention-map transfer, one map per student: beta * sum_i mean_n || F(S_i) - F(T[P_i]) ||^2.
 
     An ablation, not NoNN's loss: summing over channels erases which channel is which, so the
     partition hardly matters to it.
     """
 
-    def __init__(self, beta: float = 10.0) -> None:
-        super().__init__()
-        self.beta = float(beta)
-
-    def forward(self, b: DistillBatch) -> torch.Tensor:
-        total = b.teacher_map.new_zeros((), dtype=torch.float32)
-        for smap, idx in zip(b.student_maps, b.partitions):
-            diff = attention_map(smap) - attention_map(b.teacher_map.index_select(1, idx))
-            total = total + diff.pow(2).sum(dim=1).mean()
-        return self.beta * total
+    per_student = True
+    signal = staticmethod(attention_map)
+    distance = staticmethod(_squared_distance)
+    default_beta = 10.0
 
 
-class AttentionMapTransferConcat(nn.Module):
-    """Attention maps of the concatenated student maps (channel mean of squares), mean squared error.
+class AttentionMapTransferConcat(_Transfer):
+    """Attention map of the concatenated student maps, mean squared error over positions.
     An ablation, like :class:`AttentionMapTransfer`."""
 
-    def __init__(self, beta: float = 1.0e4) -> None:
-        super().__init__()
-        self.beta = float(beta)
-
-    def forward(self, b: DistillBatch) -> torch.Tensor:
-        student = torch.cat(list(b.student_maps), dim=1)
-        teacher = b.teacher_map.index_select(1, torch.cat(list(b.partitions)))
-        student_at = F.normalize(student.float().pow(2).mean(dim=1).flatten(1), dim=1)
-        teacher_at = F.normalize(teacher.float().pow(2).mean(dim=1).flatten(1), dim=1)
-        return self.beta * (student_at - teacher_at).pow(2).mean()
+    per_student = False
+    signal = staticmethod(attention_map)
+    distance = staticmethod(_mean_squared)
+    default_beta = 1.0e4
 
 
 LOSSES: dict[str, Callable[..., nn.Module]] = {

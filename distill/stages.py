@@ -212,8 +212,9 @@ def load_student(ctx: Context, dm: ImageDataModule) -> tuple[UnifiedStudent, Fea
 # --- training stages -----------------------------------------------------------------------
 
 def _fit(ctx: Context, stage_dir: Path, module: pl.LightningModule, dm: ImageDataModule, epochs: int,
-         tracker: Tracker, stage: str) -> tuple[pl.Trainer, ModelCheckpoint]:
-    """Fit with best/last checkpoints in ``stage_dir``; resume from last.ckpt if it is this run's."""
+         tracker: Tracker, stage: str) -> tuple[pl.Trainer, ModelCheckpoint, int]:
+    """Fit with best/last checkpoints in ``stage_dir``; resume from last.ckpt if it is this run's.
+    Returns the trainer, the best-checkpoint callback and how many epochs this call trained."""
     marker = stage_dir / "fingerprint.txt"
     current = fingerprint(ctx, stage)
     last = stage_dir / "last.ckpt"
@@ -234,14 +235,15 @@ def _fit(ctx: Context, stage_dir: Path, module: pl.LightningModule, dm: ImageDat
     trainer = pl.Trainer(max_epochs=epochs, accelerator=tc["accelerator"], devices=tc["devices"],
                          strategy=tc["strategy"], num_nodes=tc["num_nodes"],
                          precision=resolve_precision(tc["precision"], tc["accelerator"]),
-                         logger=lightning_loggers(tracker, stage_dir, resumed_epoch),
-                         callbacks=[checkpoint, every_epoch], enable_progress_bar=ctx.progress, enable_model_summary=False,
-                         limit_train_batches=tc["limit_train_batches"], limit_val_batches=tc["limit_val_batches"],
-                         deterministic=tc["deterministic"], num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=str(stage_dir))
+                         deterministic=tc["deterministic"], logger=lightning_loggers(tracker, stage_dir, resumed_epoch),
+                         callbacks=[checkpoint, every_epoch], enable_progress_bar=ctx.progress,
+                         enable_model_summary=False, limit_train_batches=tc["limit_train_batches"],
+                         limit_val_batches=tc["limit_val_batches"], num_sanity_val_steps=0, log_every_n_steps=10,
+                         default_root_dir=str(stage_dir))
     if resume:
         print(f"[nonn] {stage}: resuming from {last}")
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
-    return trainer, checkpoint
+    return trainer, checkpoint, epochs - (resumed_epoch + 1 if resume else 0)
 
 
 STAGE_DIRS = {"teacher": "teacher", "distill": "students"}
@@ -252,7 +254,7 @@ def _train_and_test(ctx: Context, tracker: Tracker, stage: str, module: pl.Light
     """Fit, then test the best checkpoint (validation picked it; the test set is only reported)."""
     stage_dir = ctx.run_dir / STAGE_DIRS[stage]
     start = time.perf_counter()
-    trainer, checkpoint = _fit(ctx, stage_dir, module, dm, epochs, tracker, stage)
+    trainer, checkpoint, fit_epochs = _fit(ctx, stage_dir, module, dm, epochs, tracker, stage)
     fit_seconds = time.perf_counter() - start
     best = stage_dir / "best.ckpt"
     tested = trainer.test(module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)
@@ -260,7 +262,7 @@ def _train_and_test(ctx: Context, tracker: Tracker, stage: str, module: pl.Light
     tracker.summary({f"{stage}/test_acc": acc})
     print(f"[nonn] {stage}: {what} test accuracy {acc:.4f} ({best})")
     return best, {"test_acc": acc, "best_val_acc": float(checkpoint.best_model_score), "epochs": epochs,
-                  "precision": str(trainer.precision), "fit_seconds": round(fit_seconds, 1)}
+                  "precision": str(trainer.precision), "fit_seconds": round(fit_seconds, 1), "fit_epochs": fit_epochs}
 
 
 def stage_teacher(ctx: Context, tracker: Tracker) -> dict:

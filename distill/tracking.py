@@ -131,7 +131,8 @@ class ResumedCSVLogger(CSVLogger):
 def lightning_loggers(tracker: Tracker, stage_dir: Path, resumed_epoch: int | None = None) -> list[Logger]:
     """A local CSV log always (continued when resuming after ``resumed_epoch``); W&B when the tracker has a run."""
     options = {"save_dir": str(stage_dir), "name": "logs", "version": ""}
-    csv_logger = CSVLogger(**options) if resumed_epoch is None else ResumedCSVLogger(**options, last_epoch=resumed_epoch)
+    csv_logger = (CSVLogger(**options) if resumed_epoch is None
+                  else ResumedCSVLogger(**options, last_epoch=resumed_epoch))
     loggers: list[Logger] = [csv_logger]
     if tracker.run is not None:
         loggers.append(SafeWandbLogger(experiment=tracker.run))

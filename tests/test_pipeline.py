@@ -130,7 +130,8 @@ def test_same_command_gives_the_same_students(finished_run, tmp_path):
     """Seeded and with deterministic algorithms, retraining gives bit-identical weights and accuracy."""
     run_dir = copy_run(finished_run, tmp_path)
     assert main(["distill", "--config", str(TINY), "--run-dir", str(run_dir), "--force"]) == 0
-    weights = [torch.load(d / "students" / "best.ckpt", weights_only=True)["state_dict"] for d in (finished_run, run_dir)]
+    weights = [torch.load(d / "students" / "best.ckpt", weights_only=True)["state_dict"]
+               for d in (finished_run, run_dir)]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     records = [json.loads((d / "stages" / "distill.json").read_text())["results"] for d in (finished_run, run_dir)]
