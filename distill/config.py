@@ -6,6 +6,7 @@ file (or option) that named it, so a typo never silently does nothing.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,23 @@ DEFAULTS: dict[str, Any] = {
 
 # Keys whose value is an open mapping (any sub-keys allowed).
 OPEN_KEYS = {"distill.losses"}
+# Keys that take several types (everything else must have the type of its default, when that is not None).
+FREE_TYPES = {"trainer.devices": (int, str, list), "trainer.precision": (str, int)}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2-style floats: ``1e-3`` is a number (PyYAML's 1.1 rules read it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -142,7 +160,7 @@ def parse_overrides(args: list[str]) -> dict:
         parts = key.replace("-", "_").split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _yaml(raw)
     return nested
 
 
@@ -154,9 +172,11 @@ def _merge_file(config: dict, path: Path, seen: tuple[Path, ...] = ()) -> None:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' files include each other in a loop")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = loaded.pop("base", None)
@@ -176,7 +196,81 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config
 
 
+def _check_types(node: dict, defaults: dict, prefix: str = "") -> None:
+    """Every value has the type of its default (ints pass for floats); None defaults take any value."""
+    for key, default in defaults.items():
+        dotted, value = f"{prefix}{key}", node[key]
+        if dotted in OPEN_KEYS or default is None:
+            continue
+        if isinstance(default, dict):
+            _check_types(value, default, dotted + ".")
+            continue
+        allowed = FREE_TYPES.get(dotted) or ((int, float) if type(default) is float else (type(default),))
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, allowed):
+            kind = " or ".join(t.__name__ for t in allowed)
+            raise ConfigError(f"{dotted} = {value!r}: expected {kind} (like the default {default!r})")
+        if type(default) is float:
+            node[key] = float(value)
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _at_least_one(v: int) -> bool:
+    return v >= 1
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0
+
+
+def _unit_interval(v: float) -> bool:
+    return 0 <= v < 1
+
+
+# dotted key -> (check, what the value must be)
+RANGES = {
+    **{k: (_at_least_one, "at least 1") for k in (
+        "teacher.epochs", "distill.epochs", "data.batch_size", "data.eval_batch_size", "data.val_size",
+        "partition.num_students", "partition.top_k", "trainer.num_nodes", "export.opset")},
+    **{k: (_positive, "above 0") for k in ("teacher.lr", "distill.lr", "partition.resolution")},
+    **{k: (_non_negative, "0 or more") for k in ("teacher.weight_decay", "distill.weight_decay")},
+    **{k: (_unit_interval, "in [0, 1)") for k in ("teacher.momentum", "distill.momentum",
+                                                   "distill.student_dropout")},
+    "partition.percentile": (lambda v: 0 <= v < 100, "in [0, 100)"),
+}
+
+
+def _check_ranges(config: dict) -> None:
+    for dotted, (ok, what) in RANGES.items():
+        section, key = dotted.split(".")
+        if not ok(config[section][key]):
+            raise ConfigError(f"{dotted} = {config[section][key]!r}: must be {what}")
+
+
+def _check_components(config: dict) -> None:
+    """Names and options that the registries must know, checked before any stage runs."""
+    from distill.losses import build_losses
+    from students.registry import ARCHITECTURES
+
+    for dotted, names in (("teacher.arch", [config["teacher"]["arch"]]),
+                          ("distill.students", config["distill"]["students"])):
+        for name in names:
+            if name not in ARCHITECTURES:
+                raise ConfigError(f"{dotted}: unknown architecture {name!r}; choose from {', '.join(ARCHITECTURES)}")
+    try:
+        build_losses(config["distill"]["losses"] or {})
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+
+
 def validate(config: dict) -> None:
+    if isinstance(config["distill"]["students"], str):
+        config["distill"]["students"] = [config["distill"]["students"]]
+    _check_types(config, DEFAULTS)
+    _check_ranges(config)
+    _check_components(config)
     choices = {
         ("data", "dataset"): ("fashion_mnist", "cifar10", "cifar100", "synthetic"),
         ("teacher", "schedule"): ("cosine", "step"),
@@ -190,16 +284,6 @@ def validate(config: dict) -> None:
     for (section, key), allowed in choices.items():
         if config[section][key] not in allowed:
             raise ConfigError(f"{section}.{key} = {config[section][key]!r}; choose one of {', '.join(allowed)}")
-    positive = [("teacher", "epochs"), ("distill", "epochs"), ("data", "batch_size"),
-                ("partition", "num_students"), ("partition", "top_k")]
-    for section, key in positive:
-        value = config[section][key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{section}.{key} must be a positive integer, got {value!r}")
-    if not 0.0 <= float(config["distill"]["student_dropout"]) < 1.0:
-        raise ConfigError("distill.student_dropout must be in [0, 1)")
-    if isinstance(config["distill"]["students"], str):
-        config["distill"]["students"] = [config["distill"]["students"]]
 
 
 def run_dir_of(config: dict) -> Path:

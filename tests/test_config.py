@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from distill.config import DEFAULTS, ConfigError, load_config, parse_overrides
+from tests.conftest import TINY
 
 
 def test_overrides_are_parsed_as_yaml_values():
@@ -47,3 +48,50 @@ def test_bad_choice_and_missing_file():
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml")))
 def test_every_shipped_config_loads(path: Path):
     load_config(path)
+
+
+def test_exponent_floats_are_numbers_in_overrides_and_files(tmp_path: Path):
+    assert load_config(None, ["--distill.lr", "1e-3"])["distill"]["lr"] == 0.001
+    profile = tmp_path / "p.yaml"
+    profile.write_text("teacher: {lr: 5e-2}\n")
+    assert load_config(profile)["teacher"]["lr"] == 0.05
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--teacher.lr", "abc"], "teacher.lr = 'abc': expected int or float"),
+    (["--data.hflip", "3"], "data.hflip = 3: expected bool"),
+    (["--teacher.epochs", "2.5"], "teacher.epochs = 2.5: expected int"),
+    (["--data.eval_batch_size", "0"], "data.eval_batch_size = 0: must be at least 1"),
+    (["--partition.percentile", "abc"], "partition.percentile = 'abc'"),
+    (["--partition.percentile", "100"], "partition.percentile = 100.0: must be in \\[0, 100\\)"),
+    (["--partition.resolution", "-1"], "partition.resolution = -1.0: must be above 0"),
+    (["--distill.student_dropout", "1"], "distill.student_dropout = 1.0: must be in \\[0, 1\\)"),
+    (["--distill.students", "[wrn_10_1, wrn_10_9]"], "distill.students: unknown architecture 'wrn_10_9'"),
+    (["--teacher.arch", "vgg"], "teacher.arch: unknown architecture 'vgg'"),
+    (["--distill.losses", "{kd: {gamma: 1}}"], "distill.losses.kd: bad options"),
+    (["--distill.losses", "{fitnet: {}}"], "unknown loss 'fitnet'"),
+])
+def test_whole_config_is_checked_before_any_stage(override, message):
+    """Types, ranges, architectures and loss options fail at load time, naming the key and the value."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, override)
+
+
+def test_non_utf8_config_is_one_line_error(tmp_path: Path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8 text"):
+        load_config(bad)
+
+
+def test_cli_refuses_bad_value_before_touching_the_run(tmp_path: Path, capsys):
+    from distill.cli import main
+
+    run_dir = tmp_path / "run"
+    (run_dir / "teacher").mkdir(parents=True)
+    kept = run_dir / "teacher" / "best.ckpt"
+    kept.write_bytes(b"weights")
+    assert main(["run", "--config", str(TINY), "--run-dir", str(run_dir),
+                 "--teacher.lr", "abc"]) == 2
+    assert "teacher.lr = 'abc'" in capsys.readouterr().err
+    assert kept.read_bytes() == b"weights"

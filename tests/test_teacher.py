@@ -79,5 +79,6 @@ def test_cli_reports_bad_config_in_one_line(capsys, tmp_path):
 
 def test_unknown_architecture_in_config_is_a_clear_cli_error(capsys, tmp_path):
     assert main(["teacher", "--config", "configs/synthetic/tiny.yaml", "--teacher.arch", "wrn_7_7",
-                 "--run-dir", str(tmp_path)]) == 1
+                 "--run-dir", str(tmp_path)]) == 2  # a config error: refused before any stage starts
+    assert not (tmp_path / "config.yaml").exists()
     assert "unknown architecture 'wrn_7_7'" in capsys.readouterr().err
