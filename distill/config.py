@@ -167,6 +167,9 @@ def parse_overrides(args: list[str]) -> dict:
 def _merge_file(config: dict, path: Path, seen: tuple[Path, ...] = ()) -> None:
     """Merge a YAML profile into ``config``; ``base: other.yaml`` (relative to it) is merged first."""
     if not path.is_file():
+        if seen:
+            raise ConfigError(f"{seen[-1]}: its 'base' file {path} not found; fix the 'base:' line "
+                              "(it is relative to the file that names it)")
         raise ConfigError(f"config file {path} not found; pick one from configs/ "
                           "(e.g. configs/fashion_mnist/quick.yaml)")
     if path.resolve() in seen:

@@ -162,11 +162,22 @@ class Bundle:
         return self.device_sessions[i].run(None, {"images": images})[0]
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
-        images = np.ascontiguousarray(images, dtype=np.float32)
+        """Float images in [0, 1] as they are, uint8 images (0..255) scaled by 1/255; anything else refused."""
+        raw = np.asarray(images)
         shape = self.manifest["input"]["shape"]
-        if images.ndim != 4 or list(images.shape[1:]) != shape:
-            raise ValueError(f"images have shape {list(images.shape)}, the bundle takes "
-                             f"[N, {', '.join(map(str, shape))}] float32 in [0, 1]")
+        if raw.ndim != 4 or list(raw.shape[1:]) != shape:
+            raise ValueError(f"images have shape {list(raw.shape)}, the bundle takes "
+                             f"[N, {', '.join(map(str, shape))}] float32 in [0, 1] (or uint8 in 0..255)")
+        if raw.dtype == np.uint8:
+            return np.ascontiguousarray(raw, dtype=np.float32) / np.float32(255.0)
+        if not np.issubdtype(raw.dtype, np.floating):
+            raise ValueError(f"images are {raw.dtype}; the bundle takes float images in [0, 1] or uint8 in 0..255")
+        images = np.ascontiguousarray(raw, dtype=np.float32)
+        if not np.isfinite(images).all():
+            raise ValueError("images contain NaN or inf; the bundle takes finite float images in [0, 1]")
+        if images.size and (images.min() < 0.0 or images.max() > 1.0):
+            raise ValueError(f"float images must lie in [0, 1], these span [{images.min():.3g}, {images.max():.3g}]; "
+                             "divide 0..255 pixels by 255, or pass them as uint8")
         return images
 
     def _check_vector(self, i: int, v: np.ndarray) -> np.ndarray:

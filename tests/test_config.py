@@ -95,3 +95,10 @@ def test_cli_refuses_bad_value_before_touching_the_run(tmp_path: Path, capsys):
                  "--teacher.lr", "abc"]) == 2
     assert "teacher.lr = 'abc'" in capsys.readouterr().err
     assert kept.read_bytes() == b"weights"
+
+
+def test_missing_base_file_names_the_file_that_references_it(tmp_path: Path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"child.yaml: its 'base' file .*gone.yaml not found"):
+        load_config(child)

@@ -156,6 +156,22 @@ def test_bad_inputs_are_refused(bundles, x):
         bundle.aggregate([np.zeros((2, 5), np.float32), None])
 
 
+def test_uint8_images_are_scaled_and_bad_floats_refused(bundles, x):
+    bundle = _load(bundles["fp32"])
+    pixels = (x * 255).round()
+    np.testing.assert_allclose(bundle.predict(pixels.numpy().astype(np.uint8)), bundle.predict((pixels / 255).numpy()),
+                               rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], these span \[0, 255\]"):
+        bundle.predict(pixels.numpy())  # 0..255 floats: the silent wrong answer this check prevents
+    for bad in (np.nan, np.inf):
+        broken = x.numpy().copy()
+        broken[0, 0, 0, 0] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            bundle.predict(broken)
+    with pytest.raises(ValueError, match="images are int64"):
+        bundle.predict(pixels.numpy().astype(np.int64))
+
+
 @pytest.mark.parametrize("loader", [Bundle.load, TorchBundle.load])
 def test_modified_bundle_is_refused(bundles, tmp_path, loader):
     copy = tmp_path / "bundle"
