@@ -115,11 +115,37 @@ def _check_inputs(model: UnifiedStudent, image_shape: tuple[int, int, int], clas
                          f"expected [N, {', '.join(map(str, image_shape))}]")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tidy(out_dir: Path) -> None:
+    """Undo what a killed export left beside ``out_dir``: put back a bundle moved aside by a swap that
+    never finished, and delete build folders whose process is gone."""
+    for old in sorted(out_dir.parent.glob(f".{out_dir.name}.*.old")):
+        if not out_dir.exists() and (old / "bundle").is_dir():
+            os.rename(old / "bundle", out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
+        owner = tmp / ".pid"
+        pid = int(owner.read_text()) if owner.is_file() and owner.read_text().strip().isdigit() else None
+        if pid is None or not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _building(out_dir: Path) -> Iterator[Path]:
     """Yield a fresh folder beside ``out_dir``; on success swap it in (old bundle moved away, then deleted)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _tidy(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    (tmp / ".pid").write_text(str(os.getpid()))
     try:
         yield tmp
         _swap_in(tmp, out_dir)
@@ -128,6 +154,7 @@ def _building(out_dir: Path) -> Iterator[Path]:
 
 
 def _swap_in(new: Path, out_dir: Path) -> None:
+    (new / ".pid").unlink()
     if not out_dir.exists():
         os.rename(new, out_dir)
         return

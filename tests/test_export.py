@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 
 from students.bundle import Bundle, BundleError
 from students.bundle_torch import TorchBundle
+from students import export as export_module
 from students.export import export_bundle
 from students.unified import UnifiedStudent
 
@@ -184,6 +186,28 @@ def test_modified_bundle_is_refused(bundles, tmp_path, loader):
     shutil.copy(bundles["fp32"] / "device_1" / "model.onnx", copy / "device_1" / "model.onnx")
     with pytest.raises(BundleError, match=r"^aggregator/model\.int8\.onnx: missing"):
         loader(copy)
+
+
+def test_export_recovers_from_a_kill_between_renames_and_clears_dead_build_folders(model, bundles, tmp_path):
+    """A swap killed after moving the old bundle aside, and a build folder of a dead process: the next
+    export puts the old bundle back before building, then leaves nothing behind."""
+    out = tmp_path / "export"
+    moved = tmp_path / ".export.abc.old"
+    moved.mkdir()
+    shutil.copytree(bundles["fp16"], moved / "bundle")
+    dead = tmp_path / ".export.dead.tmp"
+    dead.mkdir()
+    (dead / ".pid").write_text("999999999")  # no such process
+    mine = tmp_path / ".export.live.tmp"
+    mine.mkdir()
+    (mine / ".pid").write_text(str(os.getpid()))  # a build in progress: left alone
+    export_module._tidy(out)
+    assert (out / "manifest.json").read_text() == (bundles["fp16"] / "manifest.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".export.live.tmp", "export"]
+    shutil.rmtree(mine)
+    _export(model, out, transport="fp32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert not (out / ".pid").exists()
 
 
 def test_loader_does_not_import_torch():
