@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from distill.config import ConfigError, load_config, run_dir_of
+from distill.io import run_lock
+from distill.ranks import is_worker
 from distill.stages import STAGES, Context, run_stage
 
 COMMANDS = {"run": "all stages in order, then print report.md",
@@ -53,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         config["run_dir"] = str(args.run_dir)
     ctx = Context(config, run_dir_of(config), force=args.force)
     try:
-        for stage in STAGES if args.command == "run" else (args.command,):
-            run_stage(ctx, stage)
+        # data-parallel workers run inside their rank 0's lock
+        with contextlib.nullcontext() if is_worker() else run_lock(ctx.run_dir):
+            for stage in STAGES if args.command == "run" else (args.command,):
+                run_stage(ctx, stage)
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as e:
         print(f"nonn: error: {e}", file=sys.stderr)
         return 1
