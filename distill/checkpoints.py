@@ -42,3 +42,8 @@ def load_weights(model: nn.Module, path: Path, prefix: str, what: str) -> None:
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{path}: {what} checkpoint does not match the architecture in the config "
                               f"({first[0] if first else e}); fix the config or retrain with --force") from e
+
+
+def checkpoint_entry(path: Path, key: str, what: str):
+    """One top-level entry of one of our checkpoints (None when it has none)."""
+    return _read(path, what).get(key)

@@ -13,6 +13,9 @@ from students.networks import FeatureClassifier
 from students.unified import UnifiedStudent
 
 
+PARTITIONS_KEY = "nonn_partitions"
+
+
 class _SupervisedModule(pl.LightningModule):
     """What both stages share: SGD + schedule from a config section, channels_last inputs, accuracy."""
 
@@ -91,6 +94,10 @@ class NoNNModule(_SupervisedModule):
     @property
     def partitions(self) -> list[torch.Tensor]:
         return [getattr(self, f"partition_{i}") for i in range(self.num_students)]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the filter lists travel with the weights, so export never pairs them with another partition file
+        checkpoint[PARTITIONS_KEY] = [p.tolist() for p in self.partitions]
 
     def train(self, mode: bool = True) -> "NoNNModule":
         super().train(mode)

@@ -19,11 +19,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from distill.checkpoints import checkpoint_epoch, load_weights
+from distill.checkpoints import checkpoint_entry, checkpoint_epoch, load_weights
 from distill.config import dump_config
 from distill.data import ImageDataModule
 from distill.io import read_json, sha256_file, write_json_atomic, write_text_atomic
-from distill.modules import NoNNModule, TeacherModule
+from distill.modules import PARTITIONS_KEY, NoNNModule, TeacherModule
 from distill.precision import resolve_precision
 from distill.ranks import is_worker, sync_processes
 from distill.tracking import Tracker, lightning_loggers
@@ -144,12 +144,23 @@ def _join_stage(ctx: Context, stage: str) -> dict:
     return {}
 
 
-def _run_stage(ctx: Context, stage: str) -> dict:
+def _check_upstream(ctx: Context, stage: str) -> None:
+    """Every stage before ``stage`` must be done for the current config, with its outputs intact."""
     upstream = UPSTREAM[stage]
-    if upstream is not None and not (stage == "partition" and ctx.config["teacher"]["checkpoint"]):
-        if _read_record(ctx, upstream) is None:
-            raise RuntimeError(f"stage '{stage}' needs '{upstream}' first: run `nonn {upstream}` "
-                               f"(or `nonn run`) with the same --run-dir {ctx.run_dir}")
+    while upstream is not None:
+        if not (upstream == "teacher" and ctx.config["teacher"]["checkpoint"]):  # re-checked when it runs
+            record = _read_record(ctx, upstream)
+            if record is None:
+                raise RuntimeError(f"stage '{stage}' needs '{upstream}' first: run `nonn {upstream}` "
+                                   f"(or `nonn run`) with the same --run-dir {ctx.run_dir}")
+            if not is_done(ctx, upstream):
+                raise RuntimeError(f"stage '{upstream}' in {ctx.run_dir} is out of date (its config section or its "
+                                   f"inputs or outputs changed since it ran); run `nonn {upstream}` or `nonn run` first")
+        upstream = UPSTREAM[upstream]
+
+
+def _run_stage(ctx: Context, stage: str) -> dict:
+    _check_upstream(ctx, stage)
     save_resolved_config(ctx)
     if not ctx.force and is_done(ctx, stage):
         print(f"[nonn] {stage}: up to date in {ctx.run_dir} (use --force to redo)")
@@ -202,10 +213,16 @@ def load_partition(ctx: Context, teacher: FeatureClassifier, teacher_sha: str) -
 
 
 def load_student(ctx: Context, dm: ImageDataModule) -> tuple[UnifiedStudent, FeatureClassifier, dict]:
+    """The trained students with the filter lists they were trained on (from their checkpoint)."""
     teacher, sha = load_teacher(ctx, dm)
     partition = load_partition(ctx, teacher, sha)
+    best = ctx.run_dir / "students" / "best.ckpt"
+    trained_on = checkpoint_entry(best, PARTITIONS_KEY, "student")
+    if trained_on is not None and trained_on != partition["partitions"]:
+        raise RuntimeError(f"{ctx.run_dir / 'partition' / 'partition.json'} no longer lists the filters the students "
+                           f"in {best} were trained on; rerun `nonn distill` (or `nonn run`)")
     student = build_student(ctx, dm, teacher, partition["partitions"])
-    load_weights(student, ctx.run_dir / "students" / "best.ckpt", "student.", "student")
+    load_weights(student, best, "student.", "student")
     return student.eval(), teacher, partition
 
 
@@ -333,7 +350,8 @@ def stage_export(ctx: Context, tracker: Tracker) -> dict:
                                     "teacher_sha256": partition["teacher_sha256"]})
     tracker.log_artifact(out_dir, f"{ctx.config['name']}-bundle", "model")
     print(f"[nonn] export: {len(manifest['devices'])} devices + aggregator in {out_dir}")
-    mark_done(ctx, "export", [out_dir / "manifest.json"], {"devices": len(manifest["devices"])})
+    bundle_files = sorted(p for p in out_dir.rglob("*") if p.is_file())  # every file, so any edit is seen
+    mark_done(ctx, "export", bundle_files, {"devices": len(manifest["devices"])})
     return {"devices": len(manifest["devices"])}
 
 

@@ -13,8 +13,9 @@ import torch
 
 from distill.cli import main
 from distill.config import load_config
+from distill.io import sha256_file
 from distill.modules import NoNNModule
-from distill.stages import STAGES, Context, run_stage
+from distill.stages import STAGES, Context, load_student, run_stage
 from tests.conftest import TINY
 
 
@@ -89,7 +90,25 @@ def test_distill_refuses_a_partition_from_another_teacher(finished_run, tmp_path
     data["teacher_sha256"] = "0" * 64
     path.write_text(json.dumps(data))
     assert main(["distill", "--config", str(TINY), "--run-dir", str(run_dir), "--force"]) == 1
+    assert "stage 'partition' in" in capsys.readouterr().err, "an edited output makes its stage out of date"
+    record_path = run_dir / "stages" / "partition.json"
+    record = json.loads(record_path.read_text())  # a consistent record for a partition of another teacher
+    record["outputs"]["partition/partition.json"] = sha256_file(path)
+    record_path.write_text(json.dumps(record))
+    assert main(["distill", "--config", str(TINY), "--run-dir", str(run_dir), "--force"]) == 1
     assert "different teacher checkpoint" in capsys.readouterr().err
+
+
+def test_later_stages_refuse_an_upstream_stage_out_of_date_with_the_config(finished_run, tmp_path, capsys):
+    run_dir = copy_run(finished_run, tmp_path)
+    for stage in ("distill", "export", "evaluate"):
+        assert main([stage, "--config", str(TINY), "--run-dir", str(run_dir), "--partition.num_students", "3"]) == 1
+        assert "stage 'partition' in" in capsys.readouterr().err
+    (run_dir / "export" / "device_0" / "model.onnx").write_bytes(b"flipped")
+    assert main(["evaluate", "--config", str(TINY), "--run-dir", str(run_dir)]) == 1
+    assert "stage 'export' in" in capsys.readouterr().err
+    assert main(["export", "--config", str(TINY), "--run-dir", str(run_dir)]) == 0, "export redoes itself"
+    assert main(["evaluate", "--config", str(TINY), "--run-dir", str(run_dir)]) == 0
 
 
 def test_distill_killed_midway_resumes(finished_run, tmp_path, crash_in_second_epoch, monkeypatch, capsys):
@@ -136,3 +155,24 @@ def test_same_command_gives_the_same_students(finished_run, tmp_path):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     records = [json.loads((d / "stages" / "distill.json").read_text())["results"] for d in (finished_run, run_dir)]
     assert records[0]["test_acc"] == records[1]["test_acc"]
+
+
+def test_export_uses_the_filter_lists_the_students_were_trained_on(finished_run, tmp_path, capsys):
+    """A partition file edited after training (its record rewritten to match) is refused, not exported."""
+    run_dir = copy_run(finished_run, tmp_path)
+    trained = torch.load(run_dir / "students" / "best.ckpt", weights_only=True)["nonn_partitions"]
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert [d["teacher_filters"] for d in manifest["devices"]] == trained
+    path = run_dir / "partition" / "partition.json"
+    data = json.loads(path.read_text())
+    data["partitions"] = [data["partitions"][0][::-1], data["partitions"][1]]  # same sizes, other order
+    path.write_text(json.dumps(data))
+    record_path = run_dir / "stages" / "partition.json"
+    record = json.loads(record_path.read_text())
+    record["outputs"]["partition/partition.json"] = sha256_file(path)
+    record_path.write_text(json.dumps(record))
+    assert main(["export", "--config", str(TINY), "--run-dir", str(run_dir), "--force"]) == 1
+    assert "stage 'distill' in" in capsys.readouterr().err  # trained on another partition record
+    ctx = Context(load_config(TINY), run_dir)
+    with pytest.raises(RuntimeError, match="no longer lists the filters the students"):
+        load_student(ctx, ctx.datamodule())  # the checkpoint itself knows its filter lists
