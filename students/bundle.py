@@ -13,13 +13,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the manifest carries manifest_sha256 over its own content
 FORMAT = "nonn-bundle"
 TRANSPORTS = {"fp32": "float32", "fp16": "float16", "int8": "uint8"}  # transport name -> dtype on the wire
 
 
 class BundleError(ValueError):
     """The bundle is missing, malformed or was changed after export."""
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's content (canonical JSON, without the digest itself): no field, such as
+    feature_mean or class_names, can be edited unnoticed."""
+    content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def read_manifest(path: str | Path) -> tuple[Path, dict]:
@@ -35,6 +42,9 @@ def read_manifest(path: str | Path) -> tuple[Path, dict]:
     if manifest.get("format") != FORMAT or manifest.get("schema_version") != SCHEMA_VERSION:
         raise BundleError(f"{manifest_path}: format {manifest.get('format')!r} schema "
                           f"{manifest.get('schema_version')!r}, this loader reads {FORMAT!r} schema {SCHEMA_VERSION}")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise BundleError(f"{manifest_path}: content does not match its manifest_sha256 (edited after export?); "
+                          "re-export the bundle")
     try:
         for part in parts(manifest):
             _verify_part(root, part)

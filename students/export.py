@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from distill.io import sha256_file, write_json_atomic
-from students.bundle import FORMAT, SCHEMA_VERSION, TRANSPORTS
+from students.bundle import FORMAT, SCHEMA_VERSION, TRANSPORTS, manifest_digest
 from students.complexity import count_macs, count_params, weight_bytes
 from students.unified import Aggregator, DeviceStudent, UnifiedStudent
 
@@ -96,6 +96,7 @@ def export_bundle(model: UnifiedStudent, out_dir: Path, *, image_shape: tuple[in
         if clash:
             raise ValueError(f"extra manifest entries {clash} would overwrite the bundle's own; rename them")
         manifest.update(extra or {})
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         write_json_atomic(tmp / "manifest.json", manifest)
     return manifest
 

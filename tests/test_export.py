@@ -210,6 +210,17 @@ def test_export_recovers_from_a_kill_between_renames_and_clears_dead_build_folde
     assert not (out / ".pid").exists()
 
 
+@pytest.mark.parametrize("loader", [Bundle.load, TorchBundle.load])
+def test_edited_manifest_field_is_refused(bundles, tmp_path, loader):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundles["fp32"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["class_names"][0] = "renamed"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="content does not match its manifest_sha256"):
+        loader(copy)
+
+
 def test_loader_does_not_import_torch():
     code = "import sys; import students.bundle; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
