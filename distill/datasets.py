@@ -10,6 +10,7 @@ import pickle
 import struct
 import tarfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: unreadable IDX file ({e}); delete it and fetch it again") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
@@ -179,12 +180,27 @@ def make_synthetic(train_size: int, test_size: int, image_size: int, channels: i
 
 
 def load_raw(data_cfg: dict, seed: int) -> RawSplits:
+    if data_cfg["data_dir"] is not None and not str(data_cfg["data_dir"]).strip():
+        raise DataError("data.data_dir is empty; name a folder, or leave it unset (null) for the dataset's "
+                        "standard place")
     data_dir = Path(data_cfg["data_dir"]).expanduser() if data_cfg["data_dir"] else None
     name = data_cfg["dataset"]
     if name == "fashion_mnist":
-        return load_fashion_mnist(data_dir, data_cfg["download"])
-    if name in CIFAR_ARCHIVES:
-        return load_cifar(name, data_dir, data_cfg["download"])
-    if name == "synthetic":
-        return make_synthetic(seed=seed, **data_cfg["synthetic"])
-    raise DataError(f"data.dataset: unknown dataset {name!r}")
+        raw = load_fashion_mnist(data_dir, data_cfg["download"])
+    elif name in CIFAR_ARCHIVES:
+        raw = load_cifar(name, data_dir, data_cfg["download"])
+    elif name == "synthetic":
+        raw = make_synthetic(seed=seed, **data_cfg["synthetic"])
+    else:
+        raise DataError(f"data.dataset: unknown dataset {name!r}")
+    _check_labels(raw, name)
+    return raw
+
+
+def _check_labels(raw: RawSplits, name: str) -> None:
+    """Labels outside 0..classes-1 would only fail mid-training; refuse them when the data is read."""
+    classes = len(raw.class_names)
+    for split, labels in (("train", raw.train_labels), ("test", raw.test_labels)):
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            raise DataError(f"{name} {split} labels span {int(labels.min())}..{int(labels.max())} but the dataset "
+                            f"has {classes} classes; the files are corrupt or not {name}")

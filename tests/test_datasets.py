@@ -123,3 +123,25 @@ def test_cifar_missing_offline_and_corrupt(tmp_path: Path):
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tarball")
     with pytest.raises(DataError, match="corrupt"):
         load_cifar("cifar10", tmp_path, allow_download=False)
+
+
+def test_corrupt_deflate_stream_is_a_one_line_error(tmp_path: Path):
+    write_idx(tmp_path / "c.gz", np.zeros((64, 64), dtype=np.uint8))
+    data = bytearray((tmp_path / "c.gz").read_bytes())
+    data[12:20] = b"\xff" * 8  # inside the deflate stream, past the gzip header
+    (tmp_path / "c.gz").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"c.gz: unreadable IDX file"):
+        read_idx(tmp_path / "c.gz")
+
+
+def test_labels_out_of_range_and_empty_data_dir_are_refused_when_read(tmp_path: Path):
+    from distill.datasets import load_raw
+
+    write_fashion_files(tmp_path)
+    cfg = {"dataset": "fashion_mnist", "data_dir": str(tmp_path), "download": False}
+    assert load_raw(cfg, 0).train_labels.max() < 10
+    write_idx(tmp_path / datasets.FASHION_MNIST_FILES["test_labels"][0], np.array([0, 3, 12, 1, 2]))
+    with pytest.raises(DataError, match="test labels span 0..12 but the dataset has 10 classes"):
+        load_raw(cfg, 0)
+    with pytest.raises(DataError, match="data.data_dir is empty"):
+        load_raw(dict(cfg, data_dir=""), 0)
