@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -89,3 +90,28 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             f.seek(0)
             f.truncate()
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def swap_in(new: Path, target: Path) -> None:
+    """Make folder ``new`` become ``target``; an existing ``target`` is moved aside first and deleted only
+    once ``new`` is in place (:func:`restore_interrupted_swap` undoes a swap killed halfway)."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.rename(target, old / "previous")
+    try:
+        os.rename(new, target)
+    except OSError:
+        os.rename(old / "previous", target)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_interrupted_swap(target: Path) -> None:
+    """Put back a folder that a killed :func:`swap_in` moved aside, and delete what is left of swaps that finished."""
+    for old in sorted(target.parent.glob(f".{target.name}.*.old")):
+        if not target.exists() and (old / "previous").is_dir():
+            os.rename(old / "previous", target)
+        shutil.rmtree(old, ignore_errors=True)

@@ -22,7 +22,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from distill.checkpoints import checkpoint_entry, checkpoint_epoch, load_weights
 from distill.config import dump_config
 from distill.data import ImageDataModule
-from distill.io import read_json, sha256_file, write_json_atomic, write_text_atomic
+from distill.io import (read_json, restore_interrupted_swap, sha256_file, swap_in, write_json_atomic,
+                        write_text_atomic)
 from distill.modules import PARTITIONS_KEY, NoNNModule, TeacherModule
 from distill.precision import resolve_precision
 from distill.ranks import is_worker, sync_processes
@@ -266,15 +267,33 @@ def _fit(ctx: Context, stage_dir: Path, module: pl.LightningModule, dm: ImageDat
 STAGE_DIRS = {"teacher": "teacher", "distill": "students"}
 
 
+def _work_dir(ctx: Context, stage: str, final: Path) -> Path:
+    """Where a training stage trains: its own folder when that holds a run of this very config (to
+    resume) or no finished result; otherwise a folder beside it that replaces it only on success, so
+    a changed config or --force never costs the last good result before the new one exists."""
+    if not is_worker():
+        restore_interrupted_swap(final)
+    marker = final / "fingerprint.txt"
+    same_run = not ctx.force and marker.exists() and marker.read_text() == fingerprint(ctx, stage)
+    if same_run or not (final / "best.ckpt").exists():
+        return final
+    return final.parent / f".{final.name}.next"
+
+
 def _train_and_test(ctx: Context, tracker: Tracker, stage: str, module: pl.LightningModule, dm: ImageDataModule,
                     epochs: int, what: str) -> tuple[Path, dict]:
     """Fit, then test the best checkpoint (validation picked it; the test set is only reported)."""
-    stage_dir = ctx.run_dir / STAGE_DIRS[stage]
+    final = ctx.run_dir / STAGE_DIRS[stage]
+    work = _work_dir(ctx, stage, final)
     start = time.perf_counter()
-    trainer, checkpoint, fit_epochs = _fit(ctx, stage_dir, module, dm, epochs, tracker, stage)
+    trainer, checkpoint, fit_epochs = _fit(ctx, work, module, dm, epochs, tracker, stage)
     fit_seconds = time.perf_counter() - start
-    best = stage_dir / "best.ckpt"
-    tested = trainer.test(module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)
+    tested = trainer.test(module, datamodule=dm, ckpt_path=str(work / "best.ckpt"), verbose=False,
+                          weights_only=True)
+    if work != final and not is_worker():
+        swap_in(work, final)  # the previous result is removed only now that its replacement is complete
+    sync_processes()
+    best = final / "best.ckpt"
     acc = float(tested[0]["test/acc"])
     tracker.summary({f"{stage}/test_acc": acc})
     print(f"[nonn] {stage}: {what} test accuracy {acc:.4f} ({best})")

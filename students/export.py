@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from distill.io import sha256_file, write_json_atomic
+from distill.io import restore_interrupted_swap, sha256_file, swap_in, write_json_atomic
 from students.bundle import FORMAT, SCHEMA_VERSION, TRANSPORTS, manifest_digest
 from students.complexity import count_macs, count_params, weight_bytes
 from students.unified import Aggregator, DeviceStudent, UnifiedStudent
@@ -129,10 +129,7 @@ def _pid_alive(pid: int) -> bool:
 def _tidy(out_dir: Path) -> None:
     """Undo what a killed export left beside ``out_dir``: put back a bundle moved aside by a swap that
     never finished, and delete build folders whose process is gone."""
-    for old in sorted(out_dir.parent.glob(f".{out_dir.name}.*.old")):
-        if not out_dir.exists() and (old / "bundle").is_dir():
-            os.rename(old / "bundle", out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+    restore_interrupted_swap(out_dir)
     for tmp in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
         owner = tmp / ".pid"
         pid = int(owner.read_text()) if owner.is_file() and owner.read_text().strip().isdigit() else None
@@ -149,25 +146,10 @@ def _building(out_dir: Path) -> Iterator[Path]:
     (tmp / ".pid").write_text(str(os.getpid()))
     try:
         yield tmp
-        _swap_in(tmp, out_dir)
+        (tmp / ".pid").unlink()
+        swap_in(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _swap_in(new: Path, out_dir: Path) -> None:
-    (new / ".pid").unlink()
-    if not out_dir.exists():
-        os.rename(new, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    os.rename(out_dir, old / "bundle")
-    try:
-        os.rename(new, out_dir)
-    except OSError:
-        os.rename(old / "bundle", out_dir)
-        old.rmdir()
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @torch.no_grad()

@@ -194,7 +194,7 @@ def test_export_recovers_from_a_kill_between_renames_and_clears_dead_build_folde
     out = tmp_path / "export"
     moved = tmp_path / ".export.abc.old"
     moved.mkdir()
-    shutil.copytree(bundles["fp16"], moved / "bundle")
+    shutil.copytree(bundles["fp16"], moved / "previous")
     dead = tmp_path / ".export.dead.tmp"
     dead.mkdir()
     (dead / ".pid").write_text("999999999")  # no such process

@@ -111,17 +111,23 @@ def test_later_stages_refuse_an_upstream_stage_out_of_date_with_the_config(finis
     assert main(["evaluate", "--config", str(TINY), "--run-dir", str(run_dir)]) == 0
 
 
-def test_distill_killed_midway_resumes(finished_run, tmp_path, crash_in_second_epoch, monkeypatch, capsys):
+def test_distill_killed_midway_keeps_the_last_good_result_and_resumes(finished_run, tmp_path, crash_in_second_epoch,
+                                                                      monkeypatch, capsys):
+    """A changed config trains beside the finished students; they are replaced only when it succeeds."""
     run_dir = copy_run(finished_run, tmp_path)
+    before = sha256_file(run_dir / "students" / "best.ckpt")
     config = load_config(TINY, ["--distill.epochs", "3"])
     ctx = Context(config, run_dir)
     crash_in_second_epoch(NoNNModule)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_stage(ctx, "distill")
+    assert sha256_file(run_dir / "students" / "best.ckpt") == before, "the last good result survives"
     monkeypatch.undo()
     run_stage(ctx, "distill")
     assert "[nonn] distill: resuming from" in capsys.readouterr().out
     assert torch.load(run_dir / "students" / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert sha256_file(run_dir / "students" / "best.ckpt") != before
+    assert not list(run_dir.glob(".students*")), "nothing left beside the students folder"
 
 
 def test_python_dash_m_entry_point():
