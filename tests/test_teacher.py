@@ -82,3 +82,12 @@ def test_unknown_architecture_in_config_is_a_clear_cli_error(capsys, tmp_path):
                  "--run-dir", str(tmp_path)]) == 2  # a config error: refused before any stage starts
     assert not (tmp_path / "config.yaml").exists()
     assert "unknown architecture 'wrn_7_7'" in capsys.readouterr().err
+
+
+def test_corrupt_last_checkpoint_names_the_file_and_the_fix(tmp_path):
+    from distill.checkpoints import checkpoint_epoch
+
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"last.ckpt: corrupt or unreadable teacher last checkpoint .*--force"):
+        checkpoint_epoch(bad, "teacher last")
