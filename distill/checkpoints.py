@@ -15,7 +15,8 @@ def _read(path: Path, what: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling/zip error means the file is unusable
-        raise CheckpointError(f"{path}: corrupt or unreadable {what} checkpoint ({type(e).__name__}: {e}); "
+        first = (str(e).strip().splitlines() or [""])[0][:160]  # torch's messages run to many lines
+        raise CheckpointError(f"{path}: corrupt or unreadable {what} checkpoint ({type(e).__name__}: {first}); "
                               "delete it and rerun the stage with --force") from e
 
 
