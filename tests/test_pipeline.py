@@ -32,6 +32,14 @@ def copy_run(finished_run, tmp_path: Path) -> Path:
     return target
 
 
+def rewrite_partition_record(run_dir: Path) -> None:
+    """Make the partition stage's record agree with an edited partition.json (as if it had written it)."""
+    record_path = run_dir / "stages" / "partition.json"
+    record = json.loads(record_path.read_text())
+    record["outputs"]["partition/partition.json"] = sha256_file(run_dir / "partition" / "partition.json")
+    record_path.write_text(json.dumps(record))
+
+
 def test_run_writes_every_artifact(finished_run):
     run_dir = finished_run
     for rel in ("config.yaml", "teacher/best.ckpt", "partition/partition.json", "partition/filter_graph.graphml",
@@ -91,10 +99,7 @@ def test_distill_refuses_a_partition_from_another_teacher(finished_run, tmp_path
     path.write_text(json.dumps(data))
     assert main(["distill", "--config", str(TINY), "--run-dir", str(run_dir), "--force"]) == 1
     assert "stage 'partition' in" in capsys.readouterr().err, "an edited output makes its stage out of date"
-    record_path = run_dir / "stages" / "partition.json"
-    record = json.loads(record_path.read_text())  # a consistent record for a partition of another teacher
-    record["outputs"]["partition/partition.json"] = sha256_file(path)
-    record_path.write_text(json.dumps(record))
+    rewrite_partition_record(run_dir)  # a consistent record for a partition of another teacher
     assert main(["distill", "--config", str(TINY), "--run-dir", str(run_dir), "--force"]) == 1
     assert "different teacher checkpoint" in capsys.readouterr().err
 
@@ -173,10 +178,7 @@ def test_export_uses_the_filter_lists_the_students_were_trained_on(finished_run,
     data = json.loads(path.read_text())
     data["partitions"] = [data["partitions"][0][::-1], data["partitions"][1]]  # same sizes, other order
     path.write_text(json.dumps(data))
-    record_path = run_dir / "stages" / "partition.json"
-    record = json.loads(record_path.read_text())
-    record["outputs"]["partition/partition.json"] = sha256_file(path)
-    record_path.write_text(json.dumps(record))
+    rewrite_partition_record(run_dir)
     assert main(["export", "--config", str(TINY), "--run-dir", str(run_dir), "--force"]) == 1
     assert "stage 'distill' in" in capsys.readouterr().err  # trained on another partition record
     ctx = Context(load_config(TINY), run_dir)
