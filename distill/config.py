@@ -140,9 +140,10 @@ def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
             base[key] = copy.deepcopy(value)
 
 
-def parse_overrides(args: list[str]) -> dict:
-    """Turn ``['--distill.epochs', '3', '--data.hflip=false']`` into a nested dict (values as YAML)."""
-    nested: dict = {}
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """``['--distill.epochs', '3', '--data.hflip=false']`` -> ``[('distill.epochs', 3), ('data.hflip', False)]``
+    (values read as YAML)."""
+    pairs: list[tuple[str, Any]] = []
     i = 0
     while i < len(args):
         arg = args[i]
@@ -156,12 +157,36 @@ def parse_overrides(args: list[str]) -> dict:
                 raise ConfigError(f"override '{arg}' has no value; write {arg} VALUE")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        node = nested
-        parts = key.replace("-", "_").split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = _yaml(raw)
-    return nested
+        pairs.append((key.replace("-", "_"), _yaml(raw)))
+    return pairs
+
+
+def apply_override(config: dict, dotted: str, value: Any) -> None:
+    """Set one dotted key. Naming a mapping merges ``value`` into it; inside an open mapping such as
+    ``distill.losses`` a deeper key changes just that entry (``--distill.losses.kd.alpha 0.5``) and
+    ``null`` removes it (``--distill.losses.filter_transfer_per_student null``); naming the open
+    mapping itself (``--distill.losses '{kd: {}}'``) replaces it whole."""
+    source, parts = "command-line override", dotted.split(".")
+    node, free = config, False  # free: below an open mapping, any key goes
+    for i, part in enumerate(parts):
+        path, last = ".".join(parts[:i + 1]), i == len(parts) - 1
+        if not free and part not in node:
+            raise ConfigError(f"{source}: unknown config key '{path}'; known keys here: {', '.join(node) or '(none)'}")
+        if last:
+            if free and value is None:
+                node.pop(part, None)
+            elif not free and isinstance(node[part], dict) and path not in OPEN_KEYS:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: '{path}' must be a mapping, got {value!r}")
+                _merge(node[part], value, source, path + ".")
+            else:
+                node[part] = copy.deepcopy(value)
+            return
+        if free and not isinstance(node.get(part), dict):
+            node[part] = {}
+        elif not free and not isinstance(node[part], dict):
+            raise ConfigError(f"{source}: '{path}' is not a mapping; '{dotted}' names nothing")
+        node, free = node[part], free or path in OPEN_KEYS
 
 
 def _merge_file(config: dict, path: Path, seen: tuple[Path, ...] = ()) -> None:
@@ -193,8 +218,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     config = copy.deepcopy(DEFAULTS)
     if path is not None:
         _merge_file(config, Path(path))
-    if overrides:
-        _merge(config, parse_overrides(overrides), "command-line override")
+    for dotted, value in parse_overrides(overrides or []):
+        apply_override(config, dotted, value)
     validate(config)
     return config
 

@@ -7,8 +7,21 @@ from tests.conftest import TINY
 
 
 def test_overrides_are_parsed_as_yaml_values():
-    assert parse_overrides(["--distill.epochs", "3", "--data.hflip=false", "--distill.students", "[a, b]"]) == {
-        "distill": {"epochs": 3, "students": ["a", "b"]}, "data": {"hflip": False}}
+    assert parse_overrides(["--distill.epochs", "3", "--data.hflip=false", "--distill.students", "[a, b]"]) == [
+        ("distill.epochs", 3), ("data.hflip", False), ("distill.students", ["a", "b"])]
+
+
+def test_overrides_merge_into_loss_options_and_null_removes_one():
+    losses = load_config(None, ["--distill.losses.kd.alpha", "0.5"])["distill"]["losses"]
+    assert losses == {"kd": {"alpha": 0.5, "temperature": 4.0}, "filter_transfer_per_student": {"beta": 1.0e4}}
+    losses = load_config(None, ["--distill.losses.filter_transfer_per_student", "null",
+                                "--distill.losses.attention_map.beta", "5"])["distill"]["losses"]
+    assert losses == {"kd": {"alpha": 0.9, "temperature": 4.0}, "attention_map": {"beta": 5}}
+    whole = load_config(None, ["--distill.losses", "{ce: {}}"])["distill"]["losses"]
+    assert whole == {"ce": {}}, "naming the mapping itself replaces it"
+    assert load_config(None, ["--data.synthetic", "{num_classes: 3}"])["data"]["synthetic"]["train_size"] == 512
+    with pytest.raises(ConfigError, match="'data.hflip' is not a mapping"):
+        load_config(None, ["--data.hflip.x", "1"])
 
 
 def test_override_without_value_is_refused():
