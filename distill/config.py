@@ -299,19 +299,26 @@ def validate(config: dict) -> None:
     _check_types(config, DEFAULTS)
     _check_ranges(config)
     _check_components(config)
-    choices = {
-        ("data", "dataset"): ("fashion_mnist", "cifar10", "cifar100", "synthetic"),
-        ("teacher", "schedule"): ("cosine", "step"),
-        ("distill", "schedule"): ("cosine", "step"),
-        ("partition", "pooling"): ("mean", "max"),
-        ("partition", "edge_rule"): ("activation_hub", "coactivation", "pearson"),
-        ("partition", "mode"): ("balanced", "prototype", "random", "contiguous"),
-        ("export", "transport"): ("fp32", "fp16", "int8"),
-        ("wandb", "mode"): ("auto", "online", "offline", "disabled"),
-    }
-    for (section, key), allowed in choices.items():
+    _check_choices(config)
+
+
+def _check_choices(config: dict) -> None:
+    """Choice keys take the names their registries define (not copies of them)."""
+    from distill.datasets import DATASETS
+    from distill.modules import SCHEDULES
+    from distill.tracking import WANDB_MODES
+    from partitioning.activations import POOLINGS
+    from partitioning.communities import PARTITION_MODES
+    from partitioning.graph import EDGE_RULES
+    from students.bundle import TRANSPORTS
+
+    choices = {"data.dataset": DATASETS, "teacher.schedule": SCHEDULES, "distill.schedule": SCHEDULES,
+               "partition.pooling": POOLINGS, "partition.edge_rule": EDGE_RULES, "partition.mode": PARTITION_MODES,
+               "export.transport": TRANSPORTS, "wandb.mode": WANDB_MODES}
+    for dotted, allowed in choices.items():
+        section, key = dotted.split(".")
         if config[section][key] not in allowed:
-            raise ConfigError(f"{section}.{key} = {config[section][key]!r}; choose one of {', '.join(allowed)}")
+            raise ConfigError(f"{dotted} = {config[section][key]!r}; choose one of {', '.join(allowed)}")
 
 
 def run_dir_of(config: dict) -> Path:

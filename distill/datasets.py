@@ -38,6 +38,7 @@ CIFAR_ARCHIVES = {  # name -> (tarball, sha256, folder inside, label key, train 
     "cifar100": ("cifar-100-python.tar.gz", "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
                  "cifar-100-python", b"fine_labels", ["train"], "test", ("meta", b"fine_label_names")),
 }
+DATASETS = ("fashion_mnist", *CIFAR_ARCHIVES, "synthetic")  # the names data.dataset takes
 
 
 class DataError(RuntimeError):

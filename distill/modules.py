@@ -14,6 +14,7 @@ from students.unified import UnifiedStudent
 
 
 PARTITIONS_KEY = "nonn_partitions"
+SCHEDULES = ("cosine", "step")  # learning-rate schedules configure_optimizers builds
 
 
 class _SupervisedModule(pl.LightningModule):

@@ -17,6 +17,9 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from distill.ranks import is_worker
 
 
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
 def resolve_mode(mode: str) -> str:
     """``auto`` -> online when an API key is configured, else offline."""
     if mode != "auto":
