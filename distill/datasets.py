@@ -6,6 +6,7 @@ torchvision (which has no CPU build on our target machines).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pickle
 import struct
 import tarfile
@@ -21,22 +22,52 @@ from distill.io import atomic_path, sha256_file
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-FASHION_MNIST_FILES = {  # official files and their sha256
-    "train_images": ("train-images-idx3-ubyte.gz", "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
-    "train_labels": ("train-labels-idx1-ubyte.gz", "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"),
-    "test_images": ("t10k-images-idx3-ubyte.gz", "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
-    "test_labels": ("t10k-labels-idx1-ubyte.gz", "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
+# Official files: the sha256 of the .gz as served (checked on download) and of its decompressed IDX
+# content (checked on every read: repackaged copies such as Debian's recompress the same bytes).
+FASHION_MNIST_FILES = {
+    "train_images": ("train-images-idx3-ubyte.gz", "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+                     "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+    "train_labels": ("train-labels-idx1-ubyte.gz", "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+                     "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+    "test_images": ("t10k-images-idx3-ubyte.gz", "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+                    "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+    "test_labels": ("t10k-labels-idx1-ubyte.gz", "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+                    "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
 }
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
-CIFAR_ARCHIVES = {  # name -> (tarball, sha256, folder inside, label key, train members, test member, meta)
-    "cifar10": ("cifar-10-python.tar.gz", "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
-                "cifar-10-batches-py", b"labels", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
-                ("batches.meta", b"label_names")),
-    "cifar100": ("cifar-100-python.tar.gz", "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
-                 "cifar-100-python", b"fine_labels", ["train"], "test", ("meta", b"fine_label_names")),
+
+
+@dataclass(frozen=True)
+class CifarArchive:
+    """One official CIFAR python tarball: where its members are and what each must hash to."""
+    tarball: str
+    sha256: str  # of the tarball, checked on download
+    folder: str  # inside the tarball
+    label_key: bytes
+    train_members: tuple[str, ...]
+    test_member: str
+    meta_member: str
+    names_key: bytes
+    member_md5: dict[str, str]  # the md5 the CIFAR page publishes per member, checked on every read
+
+
+CIFAR_ARCHIVES = {
+    "cifar10": CifarArchive(
+        "cifar-10-python.tar.gz", "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+        "cifar-10-batches-py", b"labels", tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch",
+        "batches.meta", b"label_names",
+        {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+         "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+         "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+         "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}),
+    "cifar100": CifarArchive(
+        "cifar-100-python.tar.gz", "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
+        "cifar-100-python", b"fine_labels", ("train",), "test", "meta", b"fine_label_names",
+        {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+         "meta": "7973b15100ade9c7d40fb424638fde48"}),
 }
 DATASETS = ("fashion_mnist", *CIFAR_ARCHIVES, "synthetic")  # the names data.dataset takes
 
@@ -69,14 +100,26 @@ def download(url: str, dest: Path, sha256: str) -> Path:
     return dest
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (gzipped or not): unsigned-byte tensors as in (Fashion-)MNIST."""
+def _check_digest(path: Path | str, data: bytes, algorithm: str, expected: str) -> None:
+    got = hashlib.new(algorithm, data).hexdigest()
+    if got != expected:
+        raise DataError(f"{path}: content {algorithm} {got} is not the official {expected}; the file is corrupt "
+                        "or altered: delete it and fetch it again")
+
+
+def read_idx(path: Path, content_sha256: str | None = None) -> np.ndarray:
+    """Read an IDX file (gzipped or not): unsigned-byte tensors as in (Fashion-)MNIST.
+
+    ``content_sha256``, when given, must match the decompressed bytes.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: unreadable IDX file ({e}); delete it and fetch it again") from e
+    if content_sha256 is not None:
+        _check_digest(path, data, "sha256", content_sha256)
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]
@@ -90,7 +133,7 @@ def read_idx(path: Path) -> np.ndarray:
 def _find_fashion_mnist(data_dir: Path | None, allow_download: bool) -> dict[str, Path]:
     candidates = [d for d in (data_dir, FASHION_MNIST_SYSTEM_DIR) if d is not None]
     for folder in candidates:
-        paths = {key: folder / name for key, (name, _) in FASHION_MNIST_FILES.items()}
+        paths = {key: folder / name for key, (name, *_) in FASHION_MNIST_FILES.items()}
         if all(p.exists() for p in paths.values()):
             return paths
     target = data_dir or Path("data/fashion_mnist")
@@ -98,7 +141,7 @@ def _find_fashion_mnist(data_dir: Path | None, allow_download: bool) -> dict[str
         raise DataError(f"Fashion-MNIST files not found in {' or '.join(map(str, candidates))}; install them "
                         "with 'apt-get install dataset-fashion-mnist', or set data.download: true")
     paths = {}
-    for key, (name, sha) in FASHION_MNIST_FILES.items():
+    for key, (name, sha, _) in FASHION_MNIST_FILES.items():
         dest = target / name
         if not dest.exists():
             try:
@@ -112,7 +155,7 @@ def _find_fashion_mnist(data_dir: Path | None, allow_download: bool) -> dict[str
 
 def load_fashion_mnist(data_dir: Path | None, allow_download: bool) -> RawSplits:
     paths = _find_fashion_mnist(data_dir, allow_download)
-    arrays = {key: read_idx(p) for key, p in paths.items()}
+    arrays = {key: read_idx(p, FASHION_MNIST_FILES[key][2]) for key, p in paths.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -126,40 +169,48 @@ def load_fashion_mnist(data_dir: Path | None, allow_download: bool) -> RawSplits
 
 
 def load_cifar(name: str, data_dir: Path | None, allow_download: bool) -> RawSplits:
-    """CIFAR-10/100 from the official python tarball (extracted folder or .tar.gz)."""
-    tarball, sha, folder, label_key, train_members, test_member, (meta_member, names_key) = CIFAR_ARCHIVES[name]
+    """CIFAR-10/100 from the official python tarball (extracted folder or .tar.gz).
+
+    Every member is md5-checked before it is unpickled, so only the official bytes reach pickle.
+    """
+    spec = CIFAR_ARCHIVES[name]
     root = data_dir or Path("data") / name
-    archive = root / tarball
-    if not (root / folder).is_dir() and not archive.exists():
+    archive = root / spec.tarball
+    if not (root / spec.folder).is_dir() and not archive.exists():
         if not allow_download:
-            raise DataError(f"{name}: neither {root / folder} nor {archive} exists; download {CIFAR_URL + tarball} "
-                            "there or set data.download: true")
-        download(CIFAR_URL + tarball, archive, sha)
+            raise DataError(f"{name}: neither {root / spec.folder} nor {archive} exists; download "
+                            f"{CIFAR_URL + spec.tarball} there or set data.download: true")
+        download(CIFAR_URL + spec.tarball, archive, spec.sha256)
 
     def unpickle(member: str) -> dict:
-        path = root / folder / member
+        path = root / spec.folder / member
+        source = path if path.exists() else f"{archive} ({spec.folder}/{member})"
         try:
             if path.exists():
-                with open(path, "rb") as f:
-                    return pickle.load(f, encoding="bytes")
-            with tarfile.open(archive, "r:gz") as tar:
-                handle = tar.extractfile(f"{folder}/{member}")
-                if handle is None:
-                    raise KeyError(member)
-                return pickle.load(handle, encoding="bytes")
-        except (OSError, KeyError, EOFError, pickle.UnpicklingError, tarfile.TarError) as e:
-            raise DataError(f"{archive if not path.exists() else path}: cannot read '{member}' ({e}); "
-                            "the archive is incomplete or corrupt") from e
+                blob = path.read_bytes()
+            else:
+                with tarfile.open(archive, "r:gz") as tar:
+                    handle = tar.extractfile(f"{spec.folder}/{member}")
+                    if handle is None:
+                        raise KeyError(member)
+                    blob = handle.read()
+        except (OSError, KeyError, EOFError, zlib.error, tarfile.TarError) as e:
+            raise DataError(f"{source}: cannot read '{member}' ({e}); the archive is incomplete or corrupt") from e
+        _check_digest(source, blob, "md5", spec.member_md5[member])
+        try:
+            return pickle.loads(blob, encoding="bytes")
+        except (EOFError, pickle.UnpicklingError) as e:
+            raise DataError(f"{source}: cannot unpickle '{member}' ({e})") from e
 
-    def split(members: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(members: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         batches = [unpickle(m) for m in members]
         images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
-        labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+        labels = np.concatenate([np.asarray(b[spec.label_key], dtype=np.int64) for b in batches])
         return torch.from_numpy(images), torch.from_numpy(labels)
 
-    train_x, train_y = split(train_members)
-    test_x, test_y = split([test_member])
-    names = [n.decode() for n in unpickle(meta_member)[names_key]]
+    train_x, train_y = split(spec.train_members)
+    test_x, test_y = split((spec.test_member,))
+    names = [n.decode() for n in unpickle(spec.meta_member)[spec.names_key]]
     return RawSplits(train_x, train_y, test_x, test_y, names)
 
 

@@ -1,6 +1,7 @@
 """Raw readers on files the tests write: IDX (Fashion-MNIST format), CIFAR tarballs, checksummed downloads."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -22,13 +23,17 @@ def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
     path.write_bytes(gzip.compress(data) if gz else data)
 
 
-def write_fashion_files(folder: Path, n_train: int = 12, n_test: int = 5) -> dict:
+def write_fashion_files(folder: Path, monkeypatch, n_train: int = 12, n_test: int = 5) -> dict:
+    """Small Fashion-MNIST-format files; the loader is told to expect their content checksums."""
     rng = np.random.default_rng(0)
     arrays = {"train_images": rng.integers(0, 256, (n_train, 28, 28)), "train_labels": rng.integers(0, 10, n_train),
               "test_images": rng.integers(0, 256, (n_test, 28, 28)), "test_labels": rng.integers(0, 10, n_test)}
     folder.mkdir(parents=True, exist_ok=True)
-    for key, (name, _) in datasets.FASHION_MNIST_FILES.items():
+    files = {}
+    for key, (name, gz_sha, _) in datasets.FASHION_MNIST_FILES.items():
         write_idx(folder / name, arrays[key])
+        files[key] = (name, gz_sha, hashlib.sha256(gzip.decompress((folder / name).read_bytes())).hexdigest())
+    monkeypatch.setattr(datasets, "FASHION_MNIST_FILES", files)
     return arrays
 
 
@@ -49,8 +54,8 @@ def test_idx_bad_magic_and_truncated(tmp_path: Path):
         read_idx(tmp_path / "t.idx")
 
 
-def test_fashion_mnist_from_data_dir(tmp_path: Path):
-    arrays = write_fashion_files(tmp_path)
+def test_fashion_mnist_from_data_dir(tmp_path: Path, monkeypatch):
+    arrays = write_fashion_files(tmp_path, monkeypatch)
     raw = load_fashion_mnist(tmp_path, allow_download=False)
     assert raw.train_images.shape == (12, 1, 28, 28) and raw.test_images.shape == (5, 1, 28, 28)
     np.testing.assert_array_equal(raw.train_labels.numpy(), arrays["train_labels"])
@@ -67,16 +72,16 @@ def test_fashion_mnist_missing_offline_says_how_to_get_it(tmp_path: Path, monkey
 def test_fashion_mnist_download_checks_sha256(tmp_path: Path, monkeypatch):
     """The real download path, served from file:// URLs of files the test writes."""
     source = tmp_path / "mirror"
-    write_fashion_files(source)
-    sums = {k: (name, hashlib.sha256((source / name).read_bytes()).hexdigest())
-            for k, (name, _) in datasets.FASHION_MNIST_FILES.items()}
+    write_fashion_files(source, monkeypatch)
+    sums = {k: (name, hashlib.sha256((source / name).read_bytes()).hexdigest(), content)
+            for k, (name, _, content) in datasets.FASHION_MNIST_FILES.items()}
     monkeypatch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
     monkeypatch.setattr(datasets, "FASHION_MNIST_URL", source.as_uri() + "/")
     monkeypatch.setattr(datasets, "FASHION_MNIST_FILES", sums)
     raw = load_fashion_mnist(tmp_path / "dl", allow_download=True)
     assert raw.train_images.shape[0] == 12 and (tmp_path / "dl" / sums["train_images"][0]).exists()
 
-    corrupt = dict(sums, test_labels=(sums["test_labels"][0], "0" * 64))
+    corrupt = dict(sums, test_labels=(sums["test_labels"][0], "0" * 64, sums["test_labels"][2]))
     monkeypatch.setattr(datasets, "FASHION_MNIST_FILES", corrupt)
     with pytest.raises(DataError, match="sha256"):
         load_fashion_mnist(tmp_path / "dl2", allow_download=True)
@@ -88,29 +93,32 @@ def test_download_unreachable_is_a_clear_error(tmp_path: Path):
         download((tmp_path / "missing.bin").as_uri(), tmp_path / "out.bin", "0" * 64)
 
 
-def write_cifar_tarball(root: Path, name: str, n_per_batch: int = 4) -> tuple[Path, np.ndarray]:
-    _, _, folder, label_key, train_members, test_member, (meta, names_key) = datasets.CIFAR_ARCHIVES[name]
+def write_cifar_tarball(root: Path, name: str, monkeypatch, n_per_batch: int = 4) -> tuple[Path, np.ndarray]:
+    """A small tarball in the official layout; the loader is told to expect its members' md5."""
+    spec = datasets.CIFAR_ARCHIVES[name]
     rng = np.random.default_rng(1)
     root.mkdir(parents=True, exist_ok=True)
-    archive = root / datasets.CIFAR_ARCHIVES[name][0]
-    first = None
+    archive = root / spec.tarball
+    first, md5 = None, {}
     with tarfile.open(archive, "w:gz") as tar:
         def add(member: str, obj: dict) -> None:
             blob = pickle.dumps(obj)
-            info = tarfile.TarInfo(f"{folder}/{member}")
+            md5[member] = hashlib.md5(blob).hexdigest()
+            info = tarfile.TarInfo(f"{spec.folder}/{member}")
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
-        for member in [*train_members, test_member]:
+        for member in [*spec.train_members, spec.test_member]:
             data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
             first = data if first is None else first
-            add(member, {b"data": data, label_key: rng.integers(0, 10, n_per_batch).tolist()})
-        add(meta, {names_key: [f"c{i}".encode() for i in range(10)]})
+            add(member, {b"data": data, spec.label_key: rng.integers(0, 10, n_per_batch).tolist()})
+        add(spec.meta_member, {spec.names_key: [f"c{i}".encode() for i in range(10)]})
+    monkeypatch.setitem(datasets.CIFAR_ARCHIVES, name, dataclasses.replace(spec, member_md5=md5))
     return archive, first
 
 
 @pytest.mark.parametrize("name,n_train", [("cifar10", 20), ("cifar100", 4)])
-def test_cifar_from_tarball(tmp_path: Path, name: str, n_train: int):
-    _, first = write_cifar_tarball(tmp_path, name)
+def test_cifar_from_tarball(tmp_path: Path, name: str, n_train: int, monkeypatch):
+    _, first = write_cifar_tarball(tmp_path, name, monkeypatch)
     raw = load_cifar(name, tmp_path, allow_download=False)
     assert raw.train_images.shape == (n_train, 3, 32, 32) and raw.test_images.shape == (4, 3, 32, 32)
     np.testing.assert_array_equal(raw.train_images[0].numpy().reshape(-1), first[0])
@@ -125,6 +133,43 @@ def test_cifar_missing_offline_and_corrupt(tmp_path: Path):
         load_cifar("cifar10", tmp_path, allow_download=False)
 
 
+def test_cifar_members_are_md5_checked_in_the_tarball_and_extracted(tmp_path: Path, monkeypatch):
+    """A member that is not the official one is refused before it is unpickled, wherever it lies."""
+    archive, _ = write_cifar_tarball(tmp_path / "tar", "cifar10", monkeypatch)
+    spec = datasets.CIFAR_ARCHIVES["cifar10"]
+    monkeypatch.setitem(datasets.CIFAR_ARCHIVES, "cifar10",
+                        dataclasses.replace(spec, member_md5=dict(spec.member_md5, test_batch="0" * 32)))
+    with pytest.raises(DataError, match=r"test_batch\): content md5 .* is not the official 0{32}"):
+        load_cifar("cifar10", tmp_path / "tar", allow_download=False)
+
+    monkeypatch.setitem(datasets.CIFAR_ARCHIVES, "cifar10", spec)
+    extracted = tmp_path / "folder"
+    with tarfile.open(archive) as tar:
+        tar.extractall(extracted, filter="data")
+    assert load_cifar("cifar10", extracted, allow_download=False).test_images.shape[0] == 4
+    batch = extracted / spec.folder / "data_batch_2"
+    blob = bytearray(batch.read_bytes())
+    blob[-20] ^= 1  # one flipped bit in the pixel data still unpickles: only the checksum sees it
+    batch.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match=r"data_batch_2: content md5 .* delete it and fetch it again"):
+        load_cifar("cifar10", extracted, allow_download=False)
+
+
+def test_official_checksums_accept_the_system_fashion_mnist_and_refuse_an_altered_copy(tmp_path: Path):
+    """The real files (Debian's recompressed .gz) pass the content checksums; one changed pixel does not."""
+    system = datasets.FASHION_MNIST_SYSTEM_DIR
+    if not (system / datasets.FASHION_MNIST_FILES["test_labels"][0]).exists():
+        pytest.skip("dataset-fashion-mnist is not installed (setup.sh installs it)")
+    name, _, content = datasets.FASHION_MNIST_FILES["test_images"]
+    images = read_idx(system / name, content)
+    assert images.shape == (10000, 28, 28)
+    altered = images.copy()
+    altered[0, 0, 0] ^= 1
+    write_idx(tmp_path / name, altered)
+    with pytest.raises(DataError, match=rf"{name}: content sha256 .* is not the official {content}"):
+        read_idx(tmp_path / name, content)
+
+
 def test_corrupt_deflate_stream_is_a_one_line_error(tmp_path: Path):
     write_idx(tmp_path / "c.gz", np.zeros((64, 64), dtype=np.uint8))
     data = bytearray((tmp_path / "c.gz").read_bytes())
@@ -134,13 +179,17 @@ def test_corrupt_deflate_stream_is_a_one_line_error(tmp_path: Path):
         read_idx(tmp_path / "c.gz")
 
 
-def test_labels_out_of_range_and_empty_data_dir_are_refused_when_read(tmp_path: Path):
+def test_labels_out_of_range_and_empty_data_dir_are_refused_when_read(tmp_path: Path, monkeypatch):
     from distill.datasets import load_raw
 
-    write_fashion_files(tmp_path)
+    write_fashion_files(tmp_path, monkeypatch)
     cfg = {"dataset": "fashion_mnist", "data_dir": str(tmp_path), "download": False}
     assert load_raw(cfg, 0).train_labels.max() < 10
-    write_idx(tmp_path / datasets.FASHION_MNIST_FILES["test_labels"][0], np.array([0, 3, 12, 1, 2]))
+    labels = tmp_path / datasets.FASHION_MNIST_FILES["test_labels"][0]
+    write_idx(labels, np.array([0, 3, 12, 1, 2]))
+    files = dict(datasets.FASHION_MNIST_FILES)
+    files["test_labels"] = (*files["test_labels"][:2], hashlib.sha256(gzip.decompress(labels.read_bytes())).hexdigest())
+    monkeypatch.setattr(datasets, "FASHION_MNIST_FILES", files)
     with pytest.raises(DataError, match="test labels span 0..12 but the dataset has 10 classes"):
         load_raw(cfg, 0)
     with pytest.raises(DataError, match="data.data_dir is empty"):
