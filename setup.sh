@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One-time set-up, idempotent: Fashion-MNIST from Debian (when root and missing), a virtualenv in
-# .venv with the pinned requirements, and this package installed in it.
+# One-time set-up, idempotent: Fashion-MNIST and the Mosquitto broker from Debian (when root and
+# missing), a virtualenv in .venv with the pinned requirements, and this package installed in it.
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$(id -u)" = 0 ] \
-   && command -v apt-get >/dev/null; then
-  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
-    || echo "setup: could not install dataset-fashion-mnist; the pipeline will try to download Fashion-MNIST"
+missing=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null \
+    || echo "setup: could not install ${missing[*]}; see README (Fashion-MNIST can be downloaded, a broker given by --broker)"
 fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv

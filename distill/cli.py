@@ -1,4 +1,8 @@
-"""``nonn`` command line: one subcommand per stage, and ``run`` for all of them in order."""
+"""``nonn`` command line: one subcommand per stage, ``run`` for all of them in order, and the
+deployment runtime (``serve``, ``deploy``).
+
+Only the standard library is imported up front: ``nonn serve device`` must run where torch is absent.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,12 +11,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-from distill.config import ConfigError, load_config, run_dir_of
-from distill.io import run_lock
-from distill.ranks import is_worker
-from distill.stages import STAGES, Context, run_stage
+from serve.cli import add_commands as add_runtime_commands
+from serve.cli import run as run_runtime
 
 COMMANDS = {"run": "all stages in order, then print report.md",
             "teacher": "train the teacher",
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="YAML profile, e.g. configs/fashion_mnist/quick.yaml (default: built-in defaults)")
         p.add_argument("--run-dir", type=Path, default=None, help="run folder (default: runs/<name>)")
         p.add_argument("--force", action="store_true", help="redo the stage(s) even if up to date")
+    add_runtime_commands(sub)
     return parser
 
 
@@ -45,8 +46,24 @@ def quiet_known_noise() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    if args.command not in COMMANDS:
+        if overrides:
+            parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+        return run_runtime(args)
+    return run_pipeline(args, overrides)
+
+
+def run_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from distill.config import ConfigError, load_config, run_dir_of
+    from distill.io import run_lock
+    from distill.ranks import is_worker
+    from distill.stages import STAGES, Context, run_stage
+
     quiet_known_noise()
-    args, overrides = build_parser().parse_known_args(argv)
     try:
         config = load_config(args.config, overrides)
     except ConfigError as e:

@@ -29,8 +29,10 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def read_manifest(path: str | Path) -> tuple[Path, dict]:
-    """Bundle folder and its manifest, after checking the schema and every listed file's sha256."""
+def read_manifest(path: str | Path, part: int | None = None) -> tuple[Path, dict]:
+    """Bundle folder and its manifest, after checking the schema, the manifest's own digest and the sha256
+    of every listed file; with ``part`` (an index into ``parts``: devices, then the aggregator, which is
+    also -1) only that part's files, so a runtime process checks nothing but the model it loads."""
     root = Path(path)
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
@@ -46,8 +48,12 @@ def read_manifest(path: str | Path) -> tuple[Path, dict]:
         raise BundleError(f"{manifest_path}: content does not match its manifest_sha256 (edited after export?); "
                           "re-export the bundle")
     try:
-        for part in parts(manifest):
-            _verify_part(root, part)
+        every = parts(manifest)
+        if part is not None and not -len(every) <= part < len(every):
+            raise BundleError(f"{manifest_path}: no part {part}; the bundle has {len(every) - 1} devices "
+                              "and an aggregator")
+        for entry in every if part is None else [every[part]]:
+            _verify_part(root, entry)
     except KeyError as e:
         raise BundleError(f"{manifest_path}: manifest lacks the entry {e}; re-export the bundle") from e
     return root, manifest

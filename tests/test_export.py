@@ -17,23 +17,9 @@ from students.bundle_torch import TorchBundle
 from students import export as export_module
 from students.export import export_bundle
 from students.unified import UnifiedStudent
+from tests.helpers import CLASSES, IMAGE_SHAPE, PARTITIONS, WIDTHS, images as _images, tiny_student
 
-IMAGE_SHAPE = (1, 16, 16)
-WIDTHS = [5, 7]
-PARTITIONS = [[0, 3, 4, 8, 9], [1, 2, 5, 6, 7, 10, 11]]
-CLASSES = ["a", "b", "c", "d"]
 BYTES_PER_NUMBER = {"fp32": 4, "fp16": 2, "int8": 1}
-
-
-def _perturb_batchnorm(model: torch.nn.Module, gen: torch.Generator) -> None:
-    """Trained-looking BN statistics, so that an export that ignores them (train mode) would be caught."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
-            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(c, generator=gen) * 0.2 - 0.1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,22 +37,7 @@ def _load(path: Path, **kwargs) -> Bundle:
 
 @pytest.fixture(scope="module")
 def model() -> UnifiedStudent:
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    m = UnifiedStudent.build(["wrn_10_1"], WIDTHS, in_channels=1, num_classes=4, mean=[0.5], std=[0.25],
-                             out_size=(4, 4))
-    _perturb_batchnorm(m, gen)
-    m.eval()
-    with torch.no_grad():
-        fc, mean = m.aggregator.fc, m.aggregator.feature_mean
-        mean.copy_(torch.cat([d(_images(64, seed=9)) for d in m.devices], 1).mean(0))
-        fc.weight.mul_(20)
-        fc.bias.copy_(-fc.weight @ mean)  # logits centred on the mean vector: the class depends on the image
-    return m
-
-
-def _images(n: int, seed: int) -> torch.Tensor:
-    return torch.rand(n, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(seed))
+    return tiny_student()
 
 
 def _export(model: UnifiedStudent, out: Path, **kwargs) -> dict:

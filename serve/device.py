@@ -1,0 +1,70 @@
+"""``nonn serve device``: one process per device, running only its own model from the bundle.
+
+It loads its manifest entry and model (sha256-checked), takes images from ``input`` and publishes its
+vector on ``dev/<i>`` in the bundle's transport dtype. Needs numpy, onnxruntime and paho-mqtt only.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from serve.endpoint import Endpoint
+from serve.mqtt import Broker, Link, topic
+from serve.wire import KIND_DEVICE, KIND_INPUT, WireError, bundle_key, decode, encode
+from students.bundle import read_manifest
+
+INPUT_DTYPES = (np.dtype("uint8"), np.dtype("float32"))
+
+
+def images_from(payload: np.ndarray) -> np.ndarray:
+    """float32 images in [0, 1] exactly as ``Bundle.predict`` makes them: uint8 scaled by 1/255."""
+    if payload.dtype == np.uint8:
+        return payload.astype(np.float32) / np.float32(255.0)
+    if not np.isfinite(payload).all() or payload.min() < 0.0 or payload.max() > 1.0:
+        raise WireError("bad_input")
+    return np.ascontiguousarray(payload)
+
+
+class Device(Endpoint):
+    def __init__(self, bundle_dir: str | Path, index: int, broker: Broker, credentials: tuple[str, str],
+                 link: Link | None = None, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        if index < 0:
+            raise ValueError(f"--index {index}: device indices start at 0")
+        root, manifest = read_manifest(bundle_dir, part=index)
+        if index >= len(manifest["devices"]):
+            raise ValueError(f"--index {index}: the bundle has devices 0..{len(manifest['devices']) - 1}")
+        entry = manifest["devices"][index]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(root / entry["files"]["onnx"]), sess_options=options,
+                                            providers=["CPUExecutionProvider"])
+        self.index = index
+        self.key = bundle_key(manifest["manifest_sha256"][:12])
+        self.input_shape = tuple(manifest["input"]["shape"])
+        scales = manifest["transport"].get("scales")
+        self.scale = float(scales[index]) if scales else 0.0
+        super().__init__(entry["name"], manifest["manifest_sha256"][:12], broker, credentials, link)
+        self.out_topic = topic(self.bundle_id, "dev", index)
+        self.on(topic(self.bundle_id, "input"), self._infer)
+
+    def _infer(self, data: bytes) -> None:
+        message = decode(data, self.key, KIND_INPUT, self.input_shape, INPUT_DTYPES)
+        images = images_from(message.payload)
+        start = time.perf_counter()
+        vector = self.session.run(None, {"images": images})[0]
+        self.compute_s += time.perf_counter() - start
+        self.computed += 1
+        out = encode(KIND_DEVICE, self.key, message.request, vector, device=self.index, scale=self.scale)
+        self.publish(self.out_topic, out, vector.nbytes)
+
+    def serve(self) -> None:
+        """Answer until SIGTERM/SIGINT (paho's network loop runs in this thread)."""
+        self.handle_signals()
+        self.announce()
+        while not self.stop.is_set():
+            self.client.loop(timeout=0.05)
+        self.close()
