@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.device import INPUT_DTYPES
+from serve.device import INPUT_DTYPES, images_from
 from serve.endpoint import Endpoint
 from serve.mqtt import Broker, Link, topic
 from serve.wire import (KIND_DEVICE, KIND_INPUT, KIND_OUTPUT, Message, WireError, bundle_key, decode, encode,
@@ -89,6 +89,7 @@ class Aggregator(Endpoint):
     def _take(self, arrived: float, kind: int, data: bytes) -> None:
         if kind == KIND_INPUT:
             message = decode(data, self.key, KIND_INPUT, self.input_shape, INPUT_DTYPES)
+            images_from(message.payload)  # an image every device refuses opens no request
             self._open(message.request, message.payload.shape[0], arrived)
             return
         message = self._decode_device(data)

@@ -347,7 +347,9 @@ def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.n
                      "pipelined_predictions_equal_bundle": bool((pipelined_pred == expected).all())},
         "latency_ms_batch1": percentiles_ms([a.received - t for _, a, t in answered]),
         "throughput": {"inferences_per_s": n / seconds if seconds == seconds and seconds > 0 else None,
-                       "window": window, "seconds": seconds},
+                       "window": window, "seconds": seconds,
+                       "answered_with_devices_missing": sum(source.answers[r].flags != 0 for r in requests
+                                                            if r in source.answers)},
         "per_inference": per_process,
         "bytes_per_inference": {
             "input_payload": per_process[SOURCE]["payload_bytes"], "input_wire": per_process[SOURCE]["wire_bytes"],
@@ -435,6 +437,8 @@ def render_markdown(r: dict) -> str:
              f"{_fmt(lat.get('p99'))} / {_fmt(lat.get('max'))} |",
              f"| throughput, {r['throughput']['window']} in flight (inferences/s) | "
              f"{_fmt(r['throughput']['inferences_per_s'], 1)} |",
+             f"| answers past the deadline in that phase (devices filled in) | "
+             f"{r['throughput']['answered_with_devices_missing']} |",
              f"| bytes per inference, input (payload / on the wire) | {b['input_payload']:.0f} / {b['input_wire']:.0f} |",
              f"| bytes per inference, all devices (payload / on the wire) | {b['devices_payload']:.0f} / "
              f"{b['devices_wire']:.0f} |",
@@ -457,6 +461,8 @@ def render_markdown(r: dict) -> str:
 
 
 def deploy_from_args(args: argparse.Namespace) -> str:
+    if args.broker and not args.credentials_dir:
+        raise ValueError("--broker needs --credentials-dir (the credentials/ folder 'nonn serve broker' wrote)")
     run_dir = args.run_dir
     bundle_dir = (run_dir / "export") if run_dir else args.bundle
     out_dir = args.out or run_dir or bundle_dir.resolve().parent

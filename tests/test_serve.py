@@ -1,0 +1,281 @@
+"""The deployment runtime: real Mosquitto on loopback, every device and the aggregator a real process.
+
+Covers the wire format under fuzzing, ``nonn deploy`` end to end with its fault drill, a device and
+aggregator running with torch made unimportable, fuzzed / foreign / forbidden messages, and
+rejected credentials.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from serve import wire
+from serve.broker import SOURCE, free_port, start_broker, write_broker_files
+from serve.deploy import Fleet, Source, run_deploy
+from serve.mqtt import Broker, Link, RuntimeSetupError, connect, read_credentials, topic
+from students.bundle import Bundle, read_manifest
+from students.export import export_bundle
+from tests.helpers import CLASSES, IMAGE_SHAPE, PARTITIONS, WIDTHS, images, tiny_student
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
+                                reason="mosquitto is not installed (setup.sh installs it)")
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    torch.set_num_threads(1)
+    model = tiny_student()
+    root = tmp_path_factory.mktemp("serve")
+    out = {}
+    for transport in ("fp32", "int8"):
+        out[transport] = root / transport / "export"
+        export_bundle(model, out[transport], image_shape=IMAGE_SHAPE, class_names=CLASSES, partitions=PARTITIONS,
+                      calibration_images=images(32, seed=1), transport=transport)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(bundles: dict[str, Path]) -> Path:
+    return bundles["fp32"]
+
+
+@pytest.fixture(scope="module")
+def test_images() -> tuple[np.ndarray, np.ndarray]:
+    pixels = (images(240, seed=5).numpy() * 255).round().astype(np.uint8)
+    return pixels, np.random.default_rng(0).integers(0, len(CLASSES), len(pixels))
+
+
+@pytest.fixture(scope="module")
+def broker(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A broker for the fp32 bundle: (Broker, name -> credential file, bundle id)."""
+    _, manifest = read_manifest(bundle)
+    bundle_id = manifest["manifest_sha256"][:12]
+    folder = tmp_path_factory.mktemp("broker")
+    port = free_port()
+    credentials = write_broker_files(folder, bundle_id, len(manifest["devices"]), port)
+    process = start_broker(folder, port)
+    yield Broker("127.0.0.1", port), credentials, bundle_id
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture
+def fleet(bundle: Path, broker, tmp_path: Path):
+    server, credentials, _ = broker
+    running = Fleet(bundle.resolve(), server, credentials, 50.0, Link(), tmp_path)
+    yield running
+    running.stop()
+
+
+def _source(broker, bundle_id: str) -> Source:
+    server, credentials, _ = broker
+    return Source(server, read_credentials(credentials[SOURCE]), bundle_id, len(CLASSES), Link())
+
+
+# --- the wire format ---------------------------------------------------------------------------------
+
+def test_wire_roundtrip_and_every_corruption_is_a_wire_error():
+    key = wire.bundle_key("0123456789ab")
+    vector = np.arange(10, dtype=np.float32).reshape(2, 5)
+    data = wire.encode(wire.KIND_DEVICE, key, 7, vector, device=1, scale=0.5)
+    message = wire.decode(data, key, wire.KIND_DEVICE, (5,), (np.dtype("float32"),))
+    assert (message.request, message.device, message.scale) == (7, 1, 0.5)
+    np.testing.assert_array_equal(message.payload, vector)
+    expect = {data[:-1]: "malformed", data + b"\0": "malformed", data[:10]: "short", b"": "short",
+              b"XoNN" + data[4:]: "malformed"}
+    for bad, reason in expect.items():
+        with pytest.raises(wire.WireError, match=reason):
+            wire.decode(bad, key, wire.KIND_DEVICE, (5,), (np.dtype("float32"),))
+    with pytest.raises(wire.WireError, match="foreign"):
+        wire.decode(data, wire.bundle_key("ffffffffffff"), wire.KIND_DEVICE, (5,), (np.dtype("float32"),))
+    with pytest.raises(wire.WireError, match="malformed"):  # right bytes, wrong kind / width / dtype
+        wire.decode(data, key, wire.KIND_INPUT, (5,), (np.dtype("float32"),))
+    with pytest.raises(wire.WireError, match="malformed"):
+        wire.decode(data, key, wire.KIND_DEVICE, (4,), (np.dtype("float32"),))
+    with pytest.raises(wire.WireError, match="malformed"):
+        wire.decode(data, key, wire.KIND_DEVICE, (5,), (np.dtype("uint8"),))
+
+
+def test_random_bytes_only_ever_raise_wire_errors():
+    rng = np.random.default_rng(0)
+    key = wire.bundle_key("0123456789ab")
+    valid = wire.encode(wire.KIND_INPUT, key, 1, np.zeros((1, 1, 4, 4), np.uint8))
+    for i in range(3000):
+        if i % 2:  # random tails behind a plausible header exercise the checks past the magic
+            data = valid[:int(rng.integers(0, len(valid)))] + rng.bytes(int(rng.integers(0, 40)))
+        else:
+            data = rng.bytes(int(rng.integers(0, 80)))
+        try:
+            wire.decode(data, key, wire.KIND_INPUT, (1, 4, 4), (np.dtype("uint8"), np.dtype("float32")))
+        except wire.WireError:
+            pass
+
+
+# --- end to end ----------------------------------------------------------------------------------------
+
+def test_deploy_end_to_end_with_fault_drill(bundle: Path, test_images, tmp_path: Path):
+    pixels, labels = test_images
+    # a deadline long enough that a loaded CI machine answers every request with both devices in
+    report = run_deploy(bundle, tmp_path, pixels, labels, drill_images=150, drill_device=1, deadline_ms=1000,
+                        progress=False)
+    expected = Bundle.load(bundle, threads=1).predict_batches(pixels).argmax(1)
+    assert report["accuracy"]["predictions_equal_bundle"] and report["accuracy"]["pipelined_predictions_equal_bundle"]
+    assert report["accuracy"]["over_the_wire"] == pytest.approx(float((expected == labels).mean()))
+    assert report["lost"]["total"] == 0 and report["requests"] == 2 * len(pixels) + 151
+    # bytes are counted at each client's socket: the payload exactly, MQTT framing and our header on top
+    per = report["per_inference"]
+    assert per["device_0"]["payload_bytes"] == WIDTHS[0] * 4 and per["device_1"]["payload_bytes"] == WIDTHS[1] * 4
+    assert per["source"]["payload_bytes"] == int(np.prod(IMAGE_SHAPE))
+    for name in ("device_0", "device_1", "aggregator", "source"):
+        assert per[name]["wire_bytes"] >= per[name]["payload_bytes"] + wire.HEADER.size
+    assert per["device_0"]["compute_ms"] > 0
+    drill = report["drill"]
+    assert report["throughput"]["answered_with_devices_missing"] == 0
+    assert drill["lost"] == 0 and drill["answered_without_device"] >= 150 // 3 - 1
+    assert drill["predictions_equal_bundle_missing_device"] and drill["predictions_equal_bundle_whole"]
+    assert drill["answered_whole_after_rejoin"] and drill["rejoined_after_restart_ms"] is not None
+    assert drill["other_flags"] == 0
+    saved = json.loads((tmp_path / "deploy_report.json").read_text())
+    assert saved["lost"] == report["lost"] and "Fault drill" in (tmp_path / "deploy_report.md").read_text()
+
+
+def test_int8_transport_over_the_wire_equals_the_bundle(bundles, test_images, tmp_path: Path):
+    pixels, labels = test_images
+    report = run_deploy(bundles["int8"], tmp_path, pixels[:60], labels[:60], drill_images=0, progress=False)
+    assert report["accuracy"]["predictions_equal_bundle"] and report["lost"]["total"] == 0
+    assert report["per_inference"]["device_1"]["payload_bytes"] == WIDTHS[1]  # one byte per number
+
+
+# --- processes -----------------------------------------------------------------------------------------
+
+NO_TORCH = """
+import atexit, json, sys
+for name in ("torch", "pytorch_lightning", "lightning", "torchmetrics"):
+    sys.modules[name] = None  # any import of these now raises ImportError
+atexit.register(lambda: open(sys.argv[1], "w").write(json.dumps(sorted(k for k, v in sys.modules.items() if v))))
+from distill.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_device_and_aggregator_run_with_torch_unimportable(bundle: Path, broker, tmp_path: Path):
+    server, credentials, bundle_id = broker
+    common = ["--bundle", str(bundle), "--broker", server.url]
+    roles = {"device_0": ["device", "--index", "0"], "device_1": ["device", "--index", "1"],
+             "aggregator": ["aggregator", "--deadline-ms", "5000"]}
+    source = _source(broker, bundle_id)
+    started = time.perf_counter()
+    processes = {name: subprocess.Popen([sys.executable, "-c", NO_TORCH, str(tmp_path / f"{name}.json"), "serve",
+                                         *args, *common, "--credentials", str(credentials[name])],
+                                        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for name, args in roles.items()}
+    try:
+        source.wait_ready(list(roles), started)
+        pixels = (images(4, seed=3).numpy() * 255).astype(np.uint8)
+        answers = [source.wait(source.send(pixels[i:i + 1]), 10.0) for i in range(4)]
+    finally:
+        source.close()
+        for p in processes.values():
+            p.terminate()
+    outputs = {name: p.communicate(timeout=10)[0] for name, p in processes.items()}
+    assert all(p.returncode == 0 for p in processes.values()), outputs
+    expected = Bundle.load(bundle, threads=1).predict(pixels)
+    for i, answer in enumerate(answers):
+        assert answer is not None and answer.flags == 0
+        np.testing.assert_allclose(answer.logits[0], expected[i], rtol=1e-5, atol=1e-5)
+    for name in roles:
+        modules = json.loads((tmp_path / f"{name}.json").read_text())
+        assert not [m for m in modules if m.split(".")[0] in ("torch", "pytorch_lightning", "onnx")]
+        ours = {m for m in modules if m.split(".")[0] in ("distill", "students", "partitioning", "serve")}
+        assert ours <= {"distill", "distill.cli", "students", "students.bundle", "serve", "serve.cli",
+                        "serve.mqtt", "serve.wire", "serve.endpoint", "serve.device", "serve.aggregator"}, ours
+
+
+def test_fuzzed_foreign_and_forbidden_messages_are_dropped_and_counted(bundle: Path, broker, fleet: Fleet):
+    server, credentials, bundle_id = broker
+    source = _source(broker, bundle_id)
+    names = ["device_0", "device_1", "aggregator"]
+    started = time.perf_counter()
+    for name in names:
+        fleet.start(name)
+    rogue = connect(server, read_credentials(credentials["device_0"]), "rogue-device_0")
+    try:
+        source.wait_ready(names, started)
+        rng = np.random.default_rng(1)
+        key = wire.bundle_key(bundle_id)
+        pixel = (images(1, seed=4).numpy() * 255).astype(np.uint8)
+        for _ in range(50):
+            source.client.publish(topic(bundle_id, "input"), rng.bytes(int(rng.integers(0, 400))))
+            rogue.publish(topic(bundle_id, "dev", 0), rng.bytes(int(rng.integers(0, 100))))
+        source.client.publish(topic(bundle_id, "input"),
+                              wire.encode(wire.KIND_INPUT, wire.bundle_key("ffffffffffff"), 1, pixel))
+        source.client.publish(topic(bundle_id, "input"),
+                              wire.encode(wire.KIND_INPUT, key, 2, np.full((1, *IMAGE_SHAPE), np.nan, np.float32)))
+        rogue.publish(topic(bundle_id, "dev", 0), wire.encode(wire.KIND_DEVICE, key, 3, np.zeros((1, 99), np.float32)))
+        # the ACL lets device_0 publish only its own topics: a forged answer never reaches the source
+        forged = source.next_request + 1000
+        source.sent_at[forged] = time.perf_counter()
+        rogue.publish(topic(bundle_id, "out"),
+                      wire.encode(wire.KIND_OUTPUT, key, forged, np.zeros((1, len(CLASSES)), np.float32)))
+        rogue.loop(timeout=0.5)
+        answer = source.wait(source.send(pixel), 10.0)
+        stats = source.collect_stats(names)
+        fleet.check_alive()
+    finally:
+        source.close()
+        rogue.disconnect()
+    assert answer is not None and answer.flags == 0
+    np.testing.assert_allclose(answer.logits[0], Bundle.load(bundle, threads=1).predict(pixel)[0], atol=1e-5)
+    assert forged not in source.answers
+    dropped_0 = stats["device_0"]["dropped"]
+    assert dropped_0.get("foreign") == 1 and dropped_0.get("bad_input") == 1
+    assert sum(dropped_0.values()) == 52  # 50 random + foreign + NaN image
+    dropped_agg = stats["aggregator"]["dropped"]
+    assert dropped_agg.get("foreign") == 1 and dropped_agg.get("bad_input") == 1
+    assert sum(dropped_agg.values()) == 50 + 50 + 3  # random inputs and vectors, foreign, NaN, the bad width
+
+
+def test_rejected_credentials_are_one_line_errors(bundle: Path, broker, tmp_path: Path):
+    server, credentials, _ = broker
+    user, _ = read_credentials(credentials["device_0"])
+    with pytest.raises(RuntimeSetupError, match="refused .* as user 'device_0': Not authorized"):
+        connect(server, (user, "wrong password"), "intruder")
+    with pytest.raises(RuntimeSetupError, match="Not authorized"):  # anonymous access is off
+        connect(server, ("", ""), "anonymous")
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"username": user, "password": "nope"}))
+    result = subprocess.run([sys.executable, "-m", "serve", "serve", "device", "--bundle", str(bundle), "--index", "0",
+                             "--broker", server.url, "--credentials", str(wrong)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "Not authorized" in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["serve", "device", "--bundle", "{missing}", "--index", "0", "--broker", "mqtt://127.0.0.1:1",
+      "--credentials", "{cred}"], "no manifest.json"),
+    (["serve", "device", "--bundle", "{bundle}", "--index", "7", "--broker", "mqtt://127.0.0.1:1",
+      "--credentials", "{cred}"], "no part 7"),
+    (["serve", "aggregator", "--bundle", "{bundle}", "--broker", "http://x", "--credentials", "{cred}"],
+     "expected mqtt://HOST:PORT"),
+    (["serve", "device", "--bundle", "{bundle}", "--index", "0", "--broker", "mqtt://127.0.0.1:1",
+      "--credentials", "{missing}"], "not a credential file"),
+    (["deploy", "--bundle", "{bundle}", "--broker", "mqtt://127.0.0.1:1"], "--broker needs --credentials-dir"),
+])
+def test_runtime_cli_errors_are_one_line(bundle: Path, broker, tmp_path: Path, args, message):
+    _, credentials, _ = broker
+    fill = {"missing": str(tmp_path / "nowhere"), "bundle": str(bundle), "cred": str(credentials["device_0"])}
+    result = subprocess.run([sys.executable, "-m", "distill", *[a.format(**fill) for a in args]], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
