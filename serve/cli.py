@@ -66,7 +66,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         help="with --broker: the credentials/ folder 'nonn serve broker' wrote for that broker")
     deploy.add_argument("--limit", type=int, default=None, help="stream only the first N test images")
     deploy.add_argument("--deadline-ms", type=float, default=DEFAULT_DEADLINE_MS)
-    deploy.add_argument("--window", type=int, default=64, help="requests in flight in the throughput phase")
+    deploy.add_argument("--window", type=int, default=8, help="requests in flight in the throughput phase")
     deploy.add_argument("--drill-images", type=int, default=600, help="images streamed in the fault drill (0: none)")
     deploy.add_argument("--drill-device", type=int, default=0, help="the device the drill kills")
     deploy.add_argument("--data-dir", default=None, help="dataset folder (default: the run's data.data_dir)")

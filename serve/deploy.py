@@ -268,7 +268,7 @@ def test_split(run_dir: Path | None, manifest: dict, data_dir: str | None) -> tu
 
 def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.ndarray, *,
                broker_url: str | None = None, ca_file: str | None = None, credentials_dir: Path | None = None,
-               deadline_ms: float = 50.0, window: int = 64, drill_images: int = 600, drill_device: int = 0,
+               deadline_ms: float = 50.0, window: int = 8, drill_images: int = 600, drill_device: int = 0,
                link: Link | None = None, bundle_report: dict | None = None, progress: bool = True) -> dict:
     """Start the fleet, run the three phases, write deploy_report.json/.md into ``out_dir``; returns the report."""
     link = link or Link()
