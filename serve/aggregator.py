@@ -1,5 +1,8 @@
 """``nonn serve aggregator``: collects the K device vectors of each request and publishes the logits.
 
+In a chain bundle (model parallelism) it waits for the last device's logits alone and forwards them;
+when they miss the deadline it answers zero logits (no information: MP has no fallback).
+
 A request opens when its image is seen on ``input`` (or its first device vector, whichever comes
 first). It is answered as soon as all K vectors are in, or when ``deadline_ms`` has passed since it
 opened; each missing device is filled with its training-mean vector exactly as evaluation does
@@ -21,7 +24,7 @@ from serve.endpoint import Endpoint
 from serve.mqtt import Broker, Link, topic
 from serve.wire import (KIND_DEVICE, KIND_INPUT, KIND_OUTPUT, Message, WireError, bundle_key, decode, encode,
                         peek_device)
-from students.bundle import fill_vectors, read_manifest
+from students.bundle import fill_vectors, is_chain, read_manifest
 
 ANSWERED_MEMORY = 100_000  # request ids remembered after answering, to recognise late vectors
 
@@ -41,12 +44,19 @@ class Aggregator(Endpoint):
         if deadline_ms <= 0:
             raise ValueError(f"--deadline-ms {deadline_ms}: must be > 0")
         root, manifest = read_manifest(bundle_dir, part=-1)  # the aggregator's files only
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(root / manifest["aggregator"]["files"]["onnx"]),
-                                            sess_options=options, providers=["CPUExecutionProvider"])
-        self.fills = fill_vectors(manifest)
+        self.chain = is_chain(manifest)
         self.num_devices = len(manifest["devices"])
+        self.num_classes = manifest["num_classes"]
+        if self.chain:
+            self.session, self.fills = None, None
+            self.expected = [self.num_devices - 1]
+        else:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            self.session = ort.InferenceSession(str(root / manifest["aggregator"]["files"]["onnx"]),
+                                                sess_options=options, providers=["CPUExecutionProvider"])
+            self.fills = fill_vectors(manifest)
+            self.expected = list(range(self.num_devices))
         self.dtype = np.dtype(manifest["transport"]["dtype"])
         self.widths = [d["output_width"] for d in manifest["devices"]]
         self.input_shape = tuple(manifest["input"]["shape"])
@@ -59,7 +69,9 @@ class Aggregator(Endpoint):
         super().__init__("aggregator", manifest["manifest_sha256"][:12], broker, credentials, link)
         self.out_topic = topic(self.bundle_id, "out")
         self.on(topic(self.bundle_id, "input"), lambda data: self.inbox.put((time.monotonic(), KIND_INPUT, data)))
-        self.on(topic(self.bundle_id, "dev", "+"), lambda data: self.inbox.put((time.monotonic(), KIND_DEVICE, data)))
+        for device in self.expected if self.chain else ["+"]:
+            self.on(topic(self.bundle_id, "dev", device),
+                    lambda data: self.inbox.put((time.monotonic(), KIND_DEVICE, data)))
 
     def serve(self) -> None:
         """Answer until SIGTERM/SIGINT; the network loop runs in paho's thread, decisions in this one."""
@@ -101,12 +113,12 @@ class Aggregator(Endpoint):
         if pending.vectors[message.device] is not None:
             raise WireError("duplicate")
         pending.vectors[message.device] = message.payload
-        if all(v is not None for v in pending.vectors):
+        if all(pending.vectors[i] is not None for i in self.expected):
             self._answer(message.request)
 
     def _decode_device(self, data: bytes) -> Message:
         device = peek_device(data)
-        if not 0 <= device < self.num_devices:
+        if device not in self.expected:
             raise WireError("malformed")
         return decode(data, self.key, KIND_DEVICE, (self.widths[device],), (self.dtype,))
 
@@ -125,11 +137,9 @@ class Aggregator(Endpoint):
 
     def _answer(self, request: int) -> None:
         pending = self.pending.pop(request)
-        missing = [i for i, v in enumerate(pending.vectors) if v is None]
-        columns = [np.broadcast_to(self.fills[i], (pending.rows, self.fills[i].size)) if v is None else v
-                   for i, v in enumerate(pending.vectors)]
+        missing = [i for i in self.expected if pending.vectors[i] is None]
         start = time.perf_counter()
-        logits = self.session.run(None, {"features": np.ascontiguousarray(np.concatenate(columns, 1))})[0]
+        logits = self._combine(pending)
         self.compute_s += time.perf_counter() - start
         self.computed += 1
         self.filled.update(missing)
@@ -138,6 +148,14 @@ class Aggregator(Endpoint):
         self.answered[request] = None
         while len(self.answered) > ANSWERED_MEMORY:
             self.answered.popitem(last=False)
+
+    def _combine(self, pending: Pending) -> np.ndarray:
+        if self.chain:
+            last = pending.vectors[self.expected[0]]
+            return last if last is not None else np.zeros((pending.rows, self.num_classes), np.float32)
+        columns = [np.broadcast_to(self.fills[i], (pending.rows, self.fills[i].size)) if v is None else v
+                   for i, v in enumerate(pending.vectors)]
+        return self.session.run(None, {"features": np.ascontiguousarray(np.concatenate(columns, 1))})[0]
 
     def stats(self) -> dict:
         return {**super().stats(), "filled": {str(k): v for k, v in sorted(self.filled.items())},

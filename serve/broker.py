@@ -2,7 +2,8 @@
 
 ``write_broker_files`` writes, into one folder, ``mosquitto.conf`` (anonymous access off), the
 password file (Mosquitto's PBKDF2-SHA512 ``$7$`` format), an ACL that lets each process publish only
-its own topics, and ``credentials/<name>.json`` for every process (mode 0600). Copy a process's
+its own topics, and ``credentials/<bundle-id>/<name>.json`` for every process plus
+``credentials/source.json`` for the client that sends images (mode 0600). Copy a process's
 credential file to its machine; the broker's machine keeps the rest.
 """
 from __future__ import annotations
@@ -17,9 +18,12 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from serve.mqtt import Broker, RuntimeSetupError, topic
+from students.bundle import is_chain
 
 PBKDF2_ITERATIONS = 101  # Mosquitto's own default for $7$ hashes
 SOURCE = "source"  # the client that publishes images and reads answers (``nonn deploy``, or yours)
@@ -36,45 +40,73 @@ def password_hash(password: str, salt: bytes | None = None) -> str:
     return f"$7${PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def _acl(bundle_id: str, num_devices: int) -> str:
-    def rules(user: str, read: list[str], write: list[str]) -> str:
-        lines = [f"user {user}", *(f"topic read {t}" for t in read), *(f"topic write {t}" for t in write)]
+@dataclass(frozen=True)
+class Users:
+    """The processes of one bundle that the broker admits."""
+    bundle_id: str
+    num_devices: int
+    chain: bool = False  # device i > 0 reads dev/<i-1> instead of input
+
+    @classmethod
+    def of(cls, manifest: dict) -> "Users":
+        return cls(manifest["manifest_sha256"][:12], len(manifest["devices"]), is_chain(manifest))
+
+    def names(self) -> list[str]:
+        return [device_name(i) for i in range(self.num_devices)] + ["aggregator"]
+
+    def username(self, name: str) -> str:
+        return f"{self.bundle_id}.{name}"
+
+
+def _acl(users: Users) -> list[str]:
+    def t(*parts: object) -> str:
+        return topic(users.bundle_id, *parts)
+
+    def rules(name: str, read: list[str], write: list[str]) -> str:
+        lines = [f"user {users.username(name)}", *(f"topic read {x}" for x in read),
+                 *(f"topic write {x}" for x in write)]
         return "\n".join(lines)
 
-    def t(*parts: object) -> str:
-        return topic(bundle_id, *parts)
-
-    blocks = [rules(device_name(i), [t("input"), t("control")],
-                    [t("dev", i), t("status", device_name(i)), t("stats", device_name(i))]) for i in range(num_devices)]
+    blocks = [rules(device_name(i), [t("input") if i == 0 or not users.chain else t("dev", i - 1), t("control")],
+                    [t("dev", i), t("status", device_name(i)), t("stats", device_name(i))])
+              for i in range(users.num_devices)]
     blocks.append(rules("aggregator", [t("input"), t("dev", "+"), t("control")],
                         [t("out"), t("status", "aggregator"), t("stats", "aggregator")]))
-    blocks.append(rules(SOURCE, [t("out"), t("status", "#"), t("stats", "#")], [t("input"), t("control")]))
-    return "\n\n".join(blocks) + "\n"
+    return blocks
 
 
-def write_broker_files(folder: str | Path, bundle_id: str, num_devices: int, port: int,
-                       bind: str = "127.0.0.1", tls: dict | None = None) -> dict[str, Path]:
+def write_broker_files(folder: str | Path, bundles: Sequence[Users], port: int, bind: str = "127.0.0.1",
+                       tls: dict | None = None) -> dict[str, Path]:
     """Write the broker's config, password file and ACL and one credential file per process.
 
-    ``tls`` (optional): ``{"certfile": ..., "keyfile": ..., "cafile": ...}`` for an mqtts listener.
-    Returns process name -> credential file.
+    Several bundles can share one broker (each under its own topics). ``tls`` (optional):
+    ``{"certfile": ..., "keyfile": ..., "cafile": ...}`` for an mqtts listener. Returns
+    ``"<bundle-id>/<process>"`` (and ``"source"``) -> credential file.
     """
     folder = Path(folder).resolve()
-    (folder / "credentials").mkdir(parents=True, exist_ok=True)
-    names = [device_name(i) for i in range(num_devices)] + ["aggregator", SOURCE]
-    credentials, lines = {}, []
-    for name in names:
+    credentials, lines, acl = {}, [], []
+    accounts = [(f"{u.bundle_id}/{name}", u.username(name)) for u in bundles for name in u.names()]
+    for key, username in [*accounts, (SOURCE, SOURCE)]:
         password = secrets.token_urlsafe(18)
-        path = folder / "credentials" / f"{name}.json"
-        _write_private(path, json.dumps({"username": name, "password": password}) + "\n")
-        credentials[name] = path
-        lines.append(f"{name}:{password_hash(password)}")
+        path = folder / "credentials" / f"{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_private(path, json.dumps({"username": username, "password": password}) + "\n")
+        credentials[key] = path
+        lines.append(f"{username}:{password_hash(password)}")
+    for u in bundles:
+        acl += _acl(u)
+    source_read = [topic(u.bundle_id, *p) for u in bundles for p in (("out",), ("status", "#"), ("stats", "#"))]
+    source_write = [topic(u.bundle_id, *p) for u in bundles for p in (("input",), ("control",))]
+    acl.append("\n".join([f"user {SOURCE}", *(f"topic read {x}" for x in source_read),
+                          *(f"topic write {x}" for x in source_write)]))
     _write_private(folder / "passwd", "\n".join(lines) + "\n")
-    _write_private(folder / "acl", _acl(bundle_id, num_devices))
-    conf = [f"# NoNN runtime broker for bundle {bundle_id}: anonymous access off, one user per process",
+    _write_private(folder / "acl", "\n\n".join(acl) + "\n")
+    ids = ", ".join(u.bundle_id for u in bundles)
+    conf = [f"# NoNN runtime broker for bundle(s) {ids}: anonymous access off, one user per process",
             f"user {getpass.getuser()}", "per_listener_settings false", "allow_anonymous false",
             f"password_file {folder / 'passwd'}", f"acl_file {folder / 'acl'}", "persistence false",
-            "max_queued_messages 100000", "set_tcp_nodelay true", "log_type error", "log_type warning", f"listener {port} {bind}"]
+            "max_queued_messages 100000", "set_tcp_nodelay true", "log_type error", "log_type warning",
+            f"listener {port} {bind}"]
     for key, value in (tls or {}).items():
         conf.append(f"{key} {Path(value).resolve()}")
     _write_private(folder / "mosquitto.conf", "\n".join(conf) + "\n")
@@ -118,5 +150,3 @@ def start_broker(folder: str | Path, port: int, host: str = "127.0.0.1", timeout
     raise RuntimeSetupError(f"mosquitto did not listen on {host}:{port} within {timeout_s:.0f} s")
 
 
-def local_broker(port: int) -> Broker:
-    return Broker("127.0.0.1", port)

@@ -46,7 +46,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_link_options(aggregator)
     broker = roles.add_parser("broker", help="write the broker's config, password file, ACL and one credential "
                               "per process, then run mosquitto")
-    broker.add_argument("--bundle", type=Path, required=True)
+    broker.add_argument("--bundle", type=Path, required=True, action="append",
+                        help="an export folder; repeat to serve several bundles from one broker")
     broker.add_argument("--out", type=Path, required=True, help="folder for mosquitto.conf, passwd, acl, credentials/")
     broker.add_argument("--port", type=int, default=1883)
     broker.add_argument("--bind", default="0.0.0.0", help="listen address (default: all interfaces)")
@@ -70,6 +71,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--drill-images", type=int, default=600, help="images streamed in the fault drill (0: none)")
     deploy.add_argument("--drill-device", type=int, default=0, help="the device the drill kills")
     deploy.add_argument("--data-dir", default=None, help="dataset folder (default: the run's data.data_dir)")
+    deploy.add_argument("--mp", action="store_true", help="also cut the run's teacher layer-wise (model "
+                        "parallelism, export_mp/) and measure it through the same broker, side by side")
     deploy.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     _add_link_options(deploy)
 
@@ -118,18 +121,17 @@ def _broker(args: argparse.Namespace) -> int:
     import os
     import shutil
 
-    from serve.broker import write_broker_files
+    from serve.broker import Users, write_broker_files
     from students.bundle import read_manifest
 
-    _, manifest = read_manifest(args.bundle)
+    users = [Users.of(read_manifest(path)[1]) for path in args.bundle]
     tls = {k: v for k, v in (("certfile", args.tls_cert), ("keyfile", args.tls_key), ("cafile", args.tls_ca)) if v}
     if tls and not {"certfile", "keyfile"} <= set(tls):
         raise ValueError("--tls-cert and --tls-key go together")
-    bundle_id = manifest["manifest_sha256"][:12]
-    credentials = write_broker_files(args.out, bundle_id, len(manifest["devices"]), args.port, args.bind, tls)
-    print(f"bundle {bundle_id}: broker files in {args.out}; give each process its credential file:")
+    credentials = write_broker_files(args.out, users, args.port, args.bind, tls)
+    print(f"broker files in {args.out}; give each process its credential file:")
     for name, path in credentials.items():
-        print(f"  {name:<12} {path}")
+        print(f"  {name:<26} {path}")
     if args.write_only:
         return 0
     exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

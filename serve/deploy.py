@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.broker import SOURCE, device_name, free_port, start_broker, write_broker_files
+from serve.broker import SOURCE, Users, device_name, free_port, start_broker, write_broker_files
 from serve.endpoint import STATS_REQUEST
 from serve.mqtt import Broker, Link, RuntimeSetupError, connect, read_credentials, topic
 from serve.wire import KIND_INPUT, KIND_OUTPUT, WireError, bundle_key, decode, encode
-from students.bundle import Bundle, read_manifest
+from students.bundle import Bundle, is_chain, read_manifest
 
 GRACE_S = 2.0  # how long past the deadline an answer may take before its request counts as lost
 READY_TIMEOUT_S = 60.0
@@ -267,59 +267,98 @@ def test_split(run_dir: Path | None, manifest: dict, data_dir: str | None) -> tu
 
 
 def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.ndarray, *,
-               broker_url: str | None = None, ca_file: str | None = None, credentials_dir: Path | None = None,
-               deadline_ms: float = 50.0, window: int = 8, drill_images: int = 600, drill_device: int = 0,
-               link: Link | None = None, bundle_report: dict | None = None, progress: bool = True) -> dict:
-    """Start the fleet, run the three phases, write deploy_report.json/.md into ``out_dir``; returns the report."""
+               mp_bundle: Path | None = None, broker_url: str | None = None, ca_file: str | None = None,
+               credentials_dir: Path | None = None, deadline_ms: float = 50.0, window: int = 8,
+               drill_images: int = 600, drill_device: int = 0, link: Link | None = None,
+               bundle_report: dict | None = None, progress: bool = True) -> dict:
+    """Measure ``bundle_dir`` (and ``mp_bundle``, through the same broker) and write deploy_report.json/.md
+    into ``out_dir``; returns the report: the bundle's measures, with the MP bundle's under ``model_parallel``."""
     link = link or Link()
-    _, manifest = read_manifest(bundle_dir)
-    bundle_id = manifest["manifest_sha256"][:12]
-    num_devices = len(manifest["devices"])
+    manifests = {path: read_manifest(path)[1] for path in [bundle_dir, *([mp_bundle] if mp_bundle else [])]}
+    num_devices = len(manifests[bundle_dir]["devices"])
     if not 0 <= drill_device < num_devices:
         raise ValueError(f"--drill-device {drill_device}: the bundle has devices 0..{num_devices - 1}")
     if window < 1:
         raise ValueError(f"--window {window}: must be >= 1")
-    names = [device_name(i) for i in range(num_devices)] + ["aggregator"]
     work = out_dir / "deploy"
     (work / "logs").mkdir(parents=True, exist_ok=True)
+    users = {path: Users.of(m) for path, m in manifests.items()}
     broker_process = None
     if broker_url is None:
         port = free_port()
-        credentials = write_broker_files(work / "broker", bundle_id, num_devices, port)
+        credentials = write_broker_files(work / "broker", list(users.values()), port)
         broker_process = start_broker(work / "broker", port)
         broker = Broker("127.0.0.1", port)
     else:
         if credentials_dir is None:
             raise ValueError("--broker needs --credentials-dir (the credentials/ folder 'nonn serve broker' wrote)")
         broker = Broker.parse(broker_url, ca_file)
-        credentials = {n: credentials_dir / f"{n}.json" for n in [*names, SOURCE]}
-    fleet = Fleet(bundle_dir.resolve(), broker, credentials, deadline_ms, link, work / "logs")
-    source = None
+        credentials = {f"{u.bundle_id}/{n}": credentials_dir / u.bundle_id / f"{n}.json"
+                       for u in users.values() for n in u.names()} | {SOURCE: credentials_dir / f"{SOURCE}.json"}
+    setting = {"broker": broker.url, "broker_started_by_deploy": broker_process is not None,
+               "link": link.describe(), "deadline_ms": deadline_ms,
+               "hardware": {"cpu": cpu_name(), "cores": os.cpu_count()}, "images": len(images)}
     try:
-        source = Source(broker, read_credentials(credentials[SOURCE]), bundle_id, manifest["num_classes"], link)
+        sections = {}
+        for path, manifest in manifests.items():
+            u = users[path]
+            fleet = Fleet(path.resolve(), broker, {n: credentials[f"{u.bundle_id}/{n}"] for n in u.names()},
+                          deadline_ms, link, work / "logs" / u.bundle_id)
+            chain = is_chain(manifest)
+            sections[path] = measure_bundle(path, manifest, fleet, credentials[SOURCE], images, labels,
+                                            window=window, drill_images=0 if chain else drill_images,
+                                            drill_device=drill_device, progress=progress)
+    finally:
+        if broker_process is not None:
+            broker_process.terminate()
+            broker_process.wait(timeout=10)
+    report = {**setting, **sections[bundle_dir]}
+    report["accuracy"]["bundle_report"] = (bundle_report or {}).get("test_acc_bundle")
+    if mp_bundle is not None:
+        mp = sections[mp_bundle]
+        report["model_parallel"] = mp
+        report["nonn_vs_mp"] = {
+            "latency_p50_ratio": mp["latency_ms_batch1"]["p50"] / report["latency_ms_batch1"]["p50"],
+            "bytes_on_the_wire_ratio": _wire_total(mp) / _wire_total(report)}
+    write_reports(out_dir, report)
+    return report
+
+
+def _wire_total(section: dict) -> float:
+    """Bytes on the wire per inference, every sender together (input, devices, answer)."""
+    return sum(p["wire_bytes"] for p in section["per_inference"].values())
+
+
+def measure_bundle(bundle_dir: Path, manifest: dict, fleet: Fleet, source_credentials: Path, images: np.ndarray,
+                   labels: np.ndarray, *, window: int, drill_images: int, drill_device: int, progress: bool) -> dict:
+    """Start one bundle's processes and run the three phases through the broker; returns its measures."""
+    bundle_id = manifest["manifest_sha256"][:12]
+    num_devices = len(manifest["devices"])
+    names = [device_name(i) for i in range(num_devices)] + ["aggregator"]
+    fleet.log_dir.mkdir(parents=True, exist_ok=True)
+    source = None
+    n = len(images)
+    try:
+        source = Source(fleet.broker, read_credentials(source_credentials), bundle_id, manifest["num_classes"],
+                        fleet.link)
         started = time.perf_counter()
         for name in names:
             fleet.start(name)
         source.wait_ready(names, started)
-        timeout_s = deadline_ms / 1000.0 + GRACE_S + link.delay_s(images[:1].nbytes) * 4
+        timeout_s = fleet.deadline_ms / 1000.0 + GRACE_S + fleet.link.delay_s(images[:1].nbytes) * 4
         reference = Bundle.load(bundle_dir, threads=1)
         expected = reference.predict_batches(images).argmax(1)
 
         before = source.collect_stats(names)
         source_bytes = source.client.bytes_sent, source.sent_payload_bytes
-        sequential = stream_sequential(source, images, timeout_s, "batch 1", progress)
+        tag = "MP " if is_chain(manifest) else ""
+        sequential = stream_sequential(source, images, timeout_s, f"{tag}batch 1", progress)
         after = source.collect_stats(names)
         fleet.check_alive()
-        n = len(images)
-        answered = [(i, a, t) for i, (_, a, t) in enumerate(sequential) if a is not None]
-        predictions = np.array([a.logits[0].argmax() if a is not None else -1 for _, a, _ in sequential])
         per_process = _per_inference(before, after, n)
         per_process[SOURCE] = {"payload_bytes": (source.sent_payload_bytes - source_bytes[1]) / n,
                                "wire_bytes": (source.client.bytes_sent - source_bytes[0]) / n, "compute_ms": None}
-
         requests, seconds = stream_pipelined(source, images, window, timeout_s, progress)
-        pipelined_pred = np.array([source.answers[r].logits[0].argmax() if r in source.answers else -1
-                                   for r in requests])
         drill = fault_drill(source, fleet, images[:drill_images], drill_device, timeout_s, reference,
                             progress) if drill_images else None
         final = source.collect_stats(names)
@@ -327,44 +366,38 @@ def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.n
         if source is not None:
             source.close()
         fleet.stop()
-        if broker_process is not None:
-            broker_process.terminate()
-            broker_process.wait(timeout=10)
 
-    lost_sequential = n - len(answered)
-    lost_pipelined = sum(r not in source.answers for r in requests)
-    accuracy = float((predictions == labels).mean())
-    report = {
+    answered = [(a, t) for _, a, t in sequential if a is not None]
+    predictions = np.array([a.logits[0].argmax() if a is not None else -1 for _, a, _ in sequential])
+    pipelined = [source.answers.get(r) for r in requests]
+    pipelined_pred = np.array([a.logits[0].argmax() if a is not None else -1 for a in pipelined])
+    devices = names[:-1]
+    lost = {"batch1": n - len(answered), "pipelined": sum(a is None for a in pipelined),
+            "drill": drill["lost"] if drill else 0}
+    lost["total"] = sum(lost.values())
+    return {
         "bundle": str(bundle_dir), "bundle_id": bundle_id, "devices": num_devices,
-        "transport": manifest["transport"]["name"], "broker": broker.url,
-        "broker_started_by_deploy": broker_process is not None, "link": link.describe(),
-        "deadline_ms": deadline_ms, "hardware": {"cpu": cpu_name(), "cores": os.cpu_count()},
-        "images": n,
-        "accuracy": {"over_the_wire": accuracy,
+        "topology": "chain" if is_chain(manifest) else "parallel", "transport": manifest["transport"]["name"],
+        "accuracy": {"over_the_wire": float((predictions == labels).mean()),
                      "bundle_in_process": float((expected == labels).mean()),
-                     "bundle_report": (bundle_report or {}).get("test_acc_bundle"),
                      "predictions_equal_bundle": bool((predictions == expected).all()),
                      "pipelined_predictions_equal_bundle": bool((pipelined_pred == expected).all())},
-        "latency_ms_batch1": percentiles_ms([a.received - t for _, a, t in answered]),
+        "latency_ms_batch1": percentiles_ms([a.received - t for a, t in answered]),
         "throughput": {"inferences_per_s": n / seconds if seconds == seconds and seconds > 0 else None,
                        "window": window, "seconds": seconds,
-                       "answered_with_devices_missing": sum(source.answers[r].flags != 0 for r in requests
-                                                            if r in source.answers)},
+                       "answered_with_devices_missing": sum(a is not None and a.flags != 0 for a in pipelined)},
         "per_inference": per_process,
         "bytes_per_inference": {
             "input_payload": per_process[SOURCE]["payload_bytes"], "input_wire": per_process[SOURCE]["wire_bytes"],
-            "devices_payload": sum(per_process[d]["payload_bytes"] for d in names[:-1]),
-            "devices_wire": sum(per_process[d]["wire_bytes"] for d in names[:-1]),
+            "devices_payload": sum(per_process[d]["payload_bytes"] for d in devices),
+            "devices_wire": sum(per_process[d]["wire_bytes"] for d in devices),
             "answer_payload": per_process["aggregator"]["payload_bytes"],
             "answer_wire": per_process["aggregator"]["wire_bytes"]},
-        "requests": n * 2 + (drill["requests"] if drill else 0),
-        "lost": {"batch1": lost_sequential, "pipelined": lost_pipelined, "drill": drill["lost"] if drill else 0},
+        "requests": 2 * n + (drill["requests"] if drill else 0),
+        "lost": lost,
         "drill": drill,
         "dropped": {name: s.get("dropped", {}) for name, s in final.items()} | {SOURCE: source.dropped},
     }
-    report["lost"]["total"] = sum(report["lost"].values())
-    write_reports(out_dir, report)
-    return report
 
 
 def fault_drill(source: Source, fleet: Fleet, images: np.ndarray, device: int, timeout_s: float,
@@ -448,6 +481,24 @@ def render_markdown(r: dict) -> str:
              "| process | payload B/inference | wire B/inference | compute ms/inference |", "|---|---|---|---|"]
     for name, p in r["per_inference"].items():
         lines.append(f"| {name} | {p['payload_bytes']:.0f} | {p['wire_bytes']:.0f} | {_fmt(p['compute_ms'], 3)} |")
+    mp = r.get("model_parallel")
+    if mp:
+        ml, mb = mp["latency_ms_batch1"], mp["bytes_per_inference"]
+        lines += ["", f"NoNN against model parallelism (the teacher split layer-wise at MAC-balanced cuts over "
+                  f"{mp['devices']} devices, each sending its feature map), same broker and links:", "",
+                  "| | NoNN | MP |", "|---|---|---|",
+                  f"| accuracy over the wire | {acc['over_the_wire']:.4f} | {mp['accuracy']['over_the_wire']:.4f} |",
+                  f"| latency p50 / p99 (ms) | {_fmt(lat.get('p50'))} / {_fmt(lat.get('p99'))} | "
+                  f"{_fmt(ml.get('p50'))} / {_fmt(ml.get('p99'))} |",
+                  f"| throughput (inferences/s) | {_fmt(r['throughput']['inferences_per_s'], 1)} | "
+                  f"{_fmt(mp['throughput']['inferences_per_s'], 1)} |",
+                  f"| device bytes per inference, payload / wire | {b['devices_payload']:.0f} / {b['devices_wire']:.0f} | "
+                  f"{mb['devices_payload']:.0f} / {mb['devices_wire']:.0f} |",
+                  f"| all bytes on the wire per inference (input, devices, answer) | {_wire_total(r):.0f} | "
+                  f"{_wire_total(mp):.0f} |",
+                  f"| lost requests | {r['lost']['total']} | {mp['lost']['total']} |", "",
+                  f"MP's p50 latency is {r['nonn_vs_mp']['latency_p50_ratio']:.1f}x NoNN's; it puts "
+                  f"{r['nonn_vs_mp']['bytes_on_the_wire_ratio']:.1f}x the bytes on the wire."]
     d = r["drill"]
     if d:
         dl = d["latency_ms"]
@@ -458,6 +509,38 @@ def render_markdown(r: dict) -> str:
                   f"{_fmt(dl.get('max'))} ms. Rejoined {_fmt(d['rejoined_after_restart_ms'], 0)} ms after restart: "
                   f"{d['answered_whole_after_rejoin']}."]
     return "\n".join(lines) + "\n"
+
+
+def model_parallel_bundle(run_dir: Path, num_devices: int) -> Path:
+    """``<run-dir>/export_mp``: the run's teacher split layer-wise at MAC-balanced cuts over ``num_devices``
+    (exported once per teacher checkpoint; later calls reuse it)."""
+    import itertools
+
+    import torch
+
+    from distill.config import load_config
+    from distill.stages import Context, load_teacher
+    from students.export import export_chain
+    from students.model_parallel import split_modules
+
+    ctx = Context(load_config(run_dir / "config.yaml", []), run_dir)
+    out = run_dir / "export_mp"
+    sha = None
+    if (out / "manifest.json").exists():
+        from distill.io import sha256_file
+
+        _, manifest = read_manifest(out)
+        sha = sha256_file(ctx.teacher_path())
+        if manifest.get("teacher_sha256") == sha and len(manifest["devices"]) == num_devices:
+            return out
+    dm = ctx.datamodule()
+    teacher, sha = load_teacher(ctx, dm)
+    calibration = torch.cat([x for x, _ in itertools.islice(dm.val_dataloader(), 2)])
+    with torch.no_grad():
+        export_chain(split_modules(teacher, num_devices, dm.image_shape), out, image_shape=dm.image_shape,
+                     class_names=dm.class_names, calibration_images=calibration,
+                     extra={"method": "mp", "teacher_sha256": sha, "teacher_arch": ctx.config["teacher"]["arch"]})
+    return out
 
 
 def deploy_from_args(args: argparse.Namespace) -> str:
@@ -472,7 +555,10 @@ def deploy_from_args(args: argparse.Namespace) -> str:
         images, labels = images[:args.limit], labels[:args.limit]
     report_file = (run_dir or bundle_dir.resolve().parent) / "report.json"
     bundle_report = json.loads(report_file.read_text()).get("nonn") if report_file.exists() else None
-    run_deploy(bundle_dir, out_dir, images, labels, broker_url=args.broker, ca_file=args.ca_file,
+    if args.mp and run_dir is None:
+        raise ValueError("--mp needs --run-dir: the MP bundle is cut from that run's teacher")
+    mp_bundle = model_parallel_bundle(run_dir, len(manifest["devices"])) if args.mp else None
+    run_deploy(bundle_dir, out_dir, images, labels, mp_bundle=mp_bundle, broker_url=args.broker, ca_file=args.ca_file,
                credentials_dir=args.credentials_dir, deadline_ms=args.deadline_ms, window=args.window,
                drill_images=min(args.drill_images, len(images)), drill_device=args.drill_device,
                link=Link(args.link_mbit, args.link_ms), bundle_report=bundle_report, progress=args.progress)

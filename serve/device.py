@@ -1,7 +1,8 @@
 """``nonn serve device``: one process per device, running only its own model from the bundle.
 
-It loads its manifest entry and model (sha256-checked), takes images from ``input`` and publishes its
-vector on ``dev/<i>`` in the bundle's transport dtype. Needs numpy, onnxruntime and paho-mqtt only.
+It loads its manifest entry and model (sha256-checked), takes images from ``input`` (in a chain
+bundle, device i > 0 takes device i-1's feature map from ``dev/<i-1>`` instead) and publishes its
+output on ``dev/<i>`` in the bundle's transport dtype. Needs numpy, onnxruntime and paho-mqtt only.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 from serve.endpoint import Endpoint
 from serve.mqtt import Broker, Link, topic
 from serve.wire import KIND_DEVICE, KIND_INPUT, WireError, bundle_key, decode, encode
-from students.bundle import read_manifest
+from students.bundle import is_chain, read_manifest
 
 INPUT_DTYPES = (np.dtype("uint8"), np.dtype("float32"))
 
@@ -43,19 +44,32 @@ class Device(Endpoint):
         self.session = ort.InferenceSession(str(root / entry["files"]["onnx"]), sess_options=options,
                                             providers=["CPUExecutionProvider"])
         self.index = index
+        self.input_name = self.session.get_inputs()[0].name
         self.key = bundle_key(manifest["manifest_sha256"][:12])
         self.input_shape = tuple(manifest["input"]["shape"])
+        self.upstream = manifest["devices"][index - 1] if is_chain(manifest) and index > 0 else None
         scales = manifest["transport"].get("scales")
         self.scale = float(scales[index]) if scales else 0.0
         super().__init__(entry["name"], manifest["manifest_sha256"][:12], broker, credentials, link)
         self.out_topic = topic(self.bundle_id, "dev", index)
-        self.on(topic(self.bundle_id, "input"), self._infer)
+        if self.upstream is None:
+            self.on(topic(self.bundle_id, "input"), self._infer)
+        else:
+            self.on(topic(self.bundle_id, "dev", index - 1), self._infer)
+
+    def _read(self, data: bytes):
+        if self.upstream is None:
+            message = decode(data, self.key, KIND_INPUT, self.input_shape, INPUT_DTYPES)
+            return message, images_from(message.payload)
+        message = decode(data, self.key, KIND_DEVICE, tuple(self.upstream["output_shape"]), (np.dtype("float32"),))
+        if message.device != self.index - 1:
+            raise WireError("malformed")
+        return message, message.payload
 
     def _infer(self, data: bytes) -> None:
-        message = decode(data, self.key, KIND_INPUT, self.input_shape, INPUT_DTYPES)
-        images = images_from(message.payload)
+        message, inputs = self._read(data)
         start = time.perf_counter()
-        vector = self.session.run(None, {"images": images})[0]
+        vector = self.session.run(None, {self.input_name: inputs})[0]
         self.compute_s += time.perf_counter() - start
         self.computed += 1
         out = encode(KIND_DEVICE, self.key, message.request, vector, device=self.index, scale=self.scale)

@@ -103,6 +103,12 @@ def fill_vectors(manifest: dict) -> list[np.ndarray]:
     return fills
 
 
+def is_chain(manifest: dict) -> bool:
+    """A chain bundle (model parallelism): device i feeds device i+1 and the last returns the logits.
+    Otherwise the devices run side by side on the image and the aggregator combines their vectors."""
+    return manifest.get("topology", "parallel") == "chain"
+
+
 def check_missing(missing: Sequence[int], num_devices: int) -> list[int]:
     bad = [i for i in missing if not 0 <= i < num_devices]
     if bad:
@@ -120,7 +126,8 @@ class Bundle:
         self.device_sessions = device_sessions
         self.aggregator_session = aggregator_session
         self.model_files = model_files  # what each session loaded, devices then aggregator
-        self.fills = fill_vectors(manifest)
+        self.chain = is_chain(manifest)
+        self.fills = None if self.chain else fill_vectors(manifest)
         self.transport_dtype = np.dtype(manifest["transport"]["dtype"])
 
     @classmethod
@@ -134,9 +141,11 @@ class Bundle:
         if threads is not None:
             options.intra_op_num_threads = threads
         files = [p["files"]["onnx_int8"] if use_int8 and "onnx_int8" in p["files"] else p["files"]["onnx"]
-                 for p in parts(manifest)]
+                 for p in parts(manifest) if p["files"]]  # a chain has no aggregator model
         sessions = [ort.InferenceSession(str(root / f), sess_options=options,
                                          providers=list(providers or ["CPUExecutionProvider"])) for f in files]
+        if is_chain(manifest):
+            return cls(root, manifest, sessions, None, files)
         return cls(root, manifest, sessions[:-1], sessions[-1], files)
 
     @property
@@ -145,6 +154,8 @@ class Bundle:
 
     def device_vectors(self, images: np.ndarray) -> list[np.ndarray]:
         """Each device's transported vector for ``images`` (float32 in [0, 1], [N, C, H, W])."""
+        if self.chain:
+            raise ValueError("a chain bundle's devices feed each other; use predict")
         images = self._check_images(images)
         return [self._run_device(i, images) for i in range(self.num_devices)]
 
@@ -166,6 +177,13 @@ class Bundle:
         """Logits as the deployed system computes them; devices in ``missing`` are not run (simulated failure)."""
         images = self._check_images(images)
         skip = check_missing(missing, self.num_devices)
+        if self.chain:
+            if skip:
+                raise ValueError(f"devices {skip} missing: a chain bundle (model parallelism) needs every device")
+            x = images
+            for session in self.device_sessions:
+                x = session.run(None, {session.get_inputs()[0].name: x})[0]
+            return x
         vectors = [None if i in skip else self._run_device(i, images) for i in range(self.num_devices)]
         return self.aggregate(vectors, batch_size=len(images))
 

@@ -101,6 +101,46 @@ def export_bundle(model: UnifiedStudent, out_dir: Path, *, image_shape: tuple[in
     return manifest
 
 
+def export_chain(segments: Sequence[nn.Module], out_dir: Path, *, image_shape: tuple[int, int, int],
+                 class_names: list[str], calibration_images: torch.Tensor, opset: int = 17,
+                 extra: dict | None = None) -> dict:
+    """Export a layer-wise split (model parallelism) as a chain bundle: device i takes device i-1's feature
+    map (device 0 the images) and the last device returns the logits; fp32 throughout, no aggregator model.
+    """
+    if calibration_images.ndim != 4 or tuple(calibration_images.shape[1:]) != tuple(image_shape):
+        raise ValueError(f"calibration images have shape {list(calibration_images.shape)}, "
+                         f"expected [N, {', '.join(map(str, image_shape))}]")
+    segments = [copy.deepcopy(m).cpu().eval() for m in segments]
+    x = calibration_images.detach().to("cpu", torch.float32)
+    with _building(Path(out_dir)) as tmp:
+        devices = []
+        for i, segment in enumerate(segments):
+            last = i == len(segments) - 1
+            names = ("images" if i == 0 else "features_in", "logits" if last else "features")
+            files = _export_part(segment, tmp, f"device_{i}", x, names, opset, False)
+            with torch.no_grad():
+                y = segment(x)
+            out_shape = list(y.shape[1:])
+            devices.append({"name": f"device_{i}", **files,
+                            "input": {"shape": list(x.shape[1:]), "dtype": "float32"},
+                            "output_shape": out_shape, "output_width": int(np.prod(out_shape)),
+                            "output_dtype": "float32", "params": count_params(segment),
+                            "weight_bytes": weight_bytes(segment), "macs": count_macs(segment, tuple(x.shape[1:])),
+                            "bytes_sent_per_inference": int(np.prod(out_shape)) * 4})
+            x = y
+        if devices[-1]["output_shape"] != [len(class_names)]:
+            raise ValueError(f"the last segment returns {devices[-1]['output_shape']}, expected "
+                             f"[{len(class_names)}] logits")
+        manifest = {"schema_version": SCHEMA_VERSION, "format": FORMAT, "topology": "chain",
+                    "class_names": list(class_names), "num_classes": len(class_names),
+                    "input": _input_spec(image_shape), "transport": _transport_spec("fp32", "float32", None),
+                    "devices": devices, "aggregator": {"kind": "chain", "files": {}, "sha256": {}}}
+        manifest.update(extra or {})
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+        write_json_atomic(tmp / "manifest.json", manifest)
+    return manifest
+
+
 def _check_inputs(model: UnifiedStudent, image_shape: tuple[int, int, int], class_names: list[str],
                   partitions: list[list[int]], calibration_images: torch.Tensor, transport: str) -> None:
     """Fail before writing anything, with one line that says what does not fit."""

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from serve import wire
-from serve.broker import SOURCE, free_port, start_broker, write_broker_files
+from serve.broker import SOURCE, Users, free_port, start_broker, write_broker_files
 from serve.deploy import Fleet, Source, run_deploy
 from serve.mqtt import Broker, Link, RuntimeSetupError, connect, read_credentials, topic
 from students.bundle import Bundle, read_manifest
@@ -58,13 +58,13 @@ def test_images() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def broker(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
     """A broker for the fp32 bundle: (Broker, name -> credential file, bundle id)."""
-    _, manifest = read_manifest(bundle)
-    bundle_id = manifest["manifest_sha256"][:12]
+    users = Users.of(read_manifest(bundle)[1])
     folder = tmp_path_factory.mktemp("broker")
     port = free_port()
-    credentials = write_broker_files(folder, bundle_id, len(manifest["devices"]), port)
+    files = write_broker_files(folder, [users], port)
+    credentials = {name: files[f"{users.bundle_id}/{name}"] for name in users.names()} | {SOURCE: files[SOURCE]}
     process = start_broker(folder, port)
-    yield Broker("127.0.0.1", port), credentials, bundle_id
+    yield Broker("127.0.0.1", port), credentials, users.bundle_id
     process.terminate()
     process.wait(timeout=10)
 
@@ -248,7 +248,7 @@ def test_fuzzed_foreign_and_forbidden_messages_are_dropped_and_counted(bundle: P
 def test_rejected_credentials_are_one_line_errors(bundle: Path, broker, tmp_path: Path):
     server, credentials, _ = broker
     user, _ = read_credentials(credentials["device_0"])
-    with pytest.raises(RuntimeSetupError, match="refused .* as user 'device_0': Not authorized"):
+    with pytest.raises(RuntimeSetupError, match=rf"refused .* as user '{user}': Not authorized"):
         connect(server, (user, "wrong password"), "intruder")
     with pytest.raises(RuntimeSetupError, match="Not authorized"):  # anonymous access is off
         connect(server, ("", ""), "anonymous")
@@ -279,3 +279,52 @@ def test_runtime_cli_errors_are_one_line(bundle: Path, broker, tmp_path: Path, a
                             capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr
+
+
+# --- model parallelism through the same runtime ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chain_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny teacher cut layer-wise over 2 devices (MAC-balanced), exported as a chain bundle."""
+    from students.export import export_chain
+    from students.model_parallel import split_modules
+    from students.registry import build_model
+
+    torch.manual_seed(0)
+    teacher = build_model("wrn_10_1", 1, len(CLASSES), [0.5], [0.25]).eval()
+    out = tmp_path_factory.mktemp("mp") / "export_mp"
+    export_chain(split_modules(teacher, 2, IMAGE_SHAPE), out, image_shape=IMAGE_SHAPE, class_names=CLASSES,
+                 calibration_images=images(16, seed=1), extra={"method": "mp"})
+    return teacher, out
+
+
+def test_chain_bundle_reproduces_the_model_and_needs_every_device(chain_bundle):
+    teacher, path = chain_bundle
+    bundle = Bundle.load(path, threads=1)
+    x = images(32, seed=6)
+    with torch.no_grad():
+        expected = teacher(x).numpy()
+    np.testing.assert_allclose(bundle.predict(x.numpy()), expected, rtol=1e-4, atol=1e-4)
+    first = bundle.manifest["devices"][0]
+    assert bundle.manifest["topology"] == "chain" and first["output_width"] == int(np.prod(first["output_shape"]))
+    assert first["bytes_sent_per_inference"] == 4 * first["output_width"]
+    with pytest.raises(ValueError, match="needs every device"):
+        bundle.predict(x.numpy(), missing=[0])
+
+
+def test_nonn_and_mp_side_by_side_through_one_broker_with_emulated_links(bundle: Path, chain_bundle, test_images,
+                                                                        tmp_path: Path):
+    _, mp_path = chain_bundle
+    pixels, labels = test_images
+    link = Link(mbit_per_s=50.0, latency_ms=1.0)
+    report = run_deploy(bundle, tmp_path, pixels[:40], labels[:40], mp_bundle=mp_path, drill_images=0,
+                        deadline_ms=2000, link=link, progress=False)
+    mp = report["model_parallel"]
+    assert report["accuracy"]["predictions_equal_bundle"] and mp["accuracy"]["predictions_equal_bundle"]
+    assert report["lost"]["total"] == 0 and mp["lost"]["total"] == 0 and mp["topology"] == "chain"
+    feature_map = read_manifest(mp_path)[1]["devices"][0]["output_width"] * 4
+    assert mp["per_inference"]["device_0"]["payload_bytes"] == feature_map
+    assert mp["per_inference"]["device_1"]["payload_bytes"] == 4 * len(CLASSES)
+    assert report["link"] == {"emulated": True, "mbit_per_s": 50.0, "latency_ms": 1.0}
+    assert report["nonn_vs_mp"]["bytes_on_the_wire_ratio"] > 1
+    assert "emulated links: 50.0 Mbit/s" in (tmp_path / "deploy_report.md").read_text()
