@@ -114,7 +114,7 @@ class Source:
             if not self.cond.wait_for(ready, timeout=timeout_s):
                 raise RuntimeSetupError(f"{', '.join(names)} did not report ready within {timeout_s:.0f} s")
 
-    def collect_stats(self, names: list[str], timeout_s: float = 10.0) -> dict[str, dict]:
+    def collect_stats(self, names: list[str], timeout_s: float = 60.0) -> dict[str, dict]:
         with self.cond:
             self.stats = {}
         self.client.publish(topic(self.bundle_id, "control"), STATS_REQUEST, qos=1)
@@ -314,6 +314,9 @@ def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.n
             broker_process.wait(timeout=10)
     report = {**setting, **sections[bundle_dir]}
     report["accuracy"]["bundle_report"] = (bundle_report or {}).get("test_acc_bundle")
+    if report["drill"] and bundle_report:  # the evaluate stage's figure for the same device missing, all images
+        report["drill"]["failure_table_accuracy"] = next(
+            (f["accuracy"] for f in bundle_report.get("failures", []) if f["missing"] == [drill_device]), None)
     if mp_bundle is not None:
         mp = sections[mp_bundle]
         report["model_parallel"] = mp
@@ -359,8 +362,8 @@ def measure_bundle(bundle_dir: Path, manifest: dict, fleet: Fleet, source_creden
         per_process[SOURCE] = {"payload_bytes": (source.sent_payload_bytes - source_bytes[1]) / n,
                                "wire_bytes": (source.client.bytes_sent - source_bytes[0]) / n, "compute_ms": None}
         requests, seconds = stream_pipelined(source, images, window, timeout_s, progress)
-        drill = fault_drill(source, fleet, images[:drill_images], drill_device, timeout_s, reference,
-                            progress) if drill_images else None
+        drill = fault_drill(source, fleet, images[:drill_images], labels[:drill_images], drill_device, timeout_s,
+                            reference, progress) if drill_images else None
         final = source.collect_stats(names)
     finally:
         if source is not None:
@@ -400,8 +403,8 @@ def measure_bundle(bundle_dir: Path, manifest: dict, fleet: Fleet, source_creden
     }
 
 
-def fault_drill(source: Source, fleet: Fleet, images: np.ndarray, device: int, timeout_s: float,
-                reference: Bundle, progress: bool) -> dict:
+def fault_drill(source: Source, fleet: Fleet, images: np.ndarray, labels: np.ndarray, device: int,
+                timeout_s: float, reference: Bundle, progress: bool) -> dict:
     """SIGKILL ``device`` a third of the way in, restart it at two thirds, keep streaming throughout."""
     name = device_name(device)
     n = len(images)
@@ -436,6 +439,8 @@ def fault_drill(source: Source, fleet: Fleet, images: np.ndarray, device: int, t
         "answered_without_device": int(down.sum()), "answered_whole": int(whole.sum()),
         "other_flags": int(((flags != bit) & (flags != 0) & (flags != -1)).sum()),
         "predictions_equal_bundle_missing_device": bool((predictions[down] == without[down]).all()),
+        "accuracy_without_device": float((predictions[down] == labels[down]).mean()) if down.any() else None,
+        "accuracy_whole": float((predictions[whole] == labels[whole]).mean()) if whole.any() else None,
         "predictions_equal_bundle_whole": bool((predictions[whole] == full[whole]).all()),
         "latency_ms": percentiles_ms(latencies),
         "rejoined_after_restart_ms": 1000.0 * rejoined[0] if rejoined else None,
@@ -505,7 +510,9 @@ def render_markdown(r: dict) -> str:
         lines += ["", f"Fault drill: {d['device']} SIGKILLed at request {d['killed_at_request']}, restarted at "
                   f"{d['restarted_at_request']}, of {d['requests']}. Lost: {d['lost']}. Answered without it: "
                   f"{d['answered_without_device']}, predictions equal to the bundle's with it missing: "
-                  f"{d['predictions_equal_bundle_missing_device']}. Latency p50 / max {_fmt(dl.get('p50'))} / "
+                  f"{d['predictions_equal_bundle_missing_device']}; accuracy while it was down "
+                  f"{_fmt(d['accuracy_without_device'], 4)} on those images (failure table, every test image: "
+                  f"{_fmt(d.get('failure_table_accuracy'), 4)}). Latency p50 / max {_fmt(dl.get('p50'))} / "
                   f"{_fmt(dl.get('max'))} ms. Rejoined {_fmt(d['rejoined_after_restart_ms'], 0)} ms after restart: "
                   f"{d['answered_whole_after_rejoin']}."]
     return "\n".join(lines) + "\n"
@@ -554,7 +561,10 @@ def deploy_from_args(args: argparse.Namespace) -> str:
     if args.limit is not None:
         images, labels = images[:args.limit], labels[:args.limit]
     report_file = (run_dir or bundle_dir.resolve().parent) / "report.json"
-    bundle_report = json.loads(report_file.read_text()).get("nonn") if report_file.exists() else None
+    bundle_report = None
+    if report_file.exists():
+        saved = json.loads(report_file.read_text())
+        bundle_report = {**saved.get("nonn", {}), "failures": saved.get("failures", [])}
     if args.mp and run_dir is None:
         raise ValueError("--mp needs --run-dir: the MP bundle is cut from that run's teacher")
     mp_bundle = model_parallel_bundle(run_dir, len(manifest["devices"])) if args.mp else None
