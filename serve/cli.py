@@ -66,6 +66,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--credentials-dir", type=Path, default=None,
                         help="with --broker: the credentials/ folder 'nonn serve broker' wrote for that broker")
     deploy.add_argument("--limit", type=int, default=None, help="stream only the first N test images")
+    deploy.add_argument("--external", action="store_true", help="with --broker: the device and aggregator "
+                        "processes already run elsewhere; wait for them instead of starting them (no fault drill)")
     deploy.add_argument("--deadline-ms", type=float, default=DEFAULT_DEADLINE_MS)
     deploy.add_argument("--window", type=int, default=8, help="requests in flight in the throughput phase")
     deploy.add_argument("--drill-images", type=int, default=600, help="images streamed in the fault drill (0: none)")

@@ -270,9 +270,15 @@ def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.n
                mp_bundle: Path | None = None, broker_url: str | None = None, ca_file: str | None = None,
                credentials_dir: Path | None = None, deadline_ms: float = 50.0, window: int = 8,
                drill_images: int = 600, drill_device: int = 0, link: Link | None = None,
-               bundle_report: dict | None = None, progress: bool = True) -> dict:
+               bundle_report: dict | None = None, progress: bool = True, external: bool = False) -> dict:
     """Measure ``bundle_dir`` (and ``mp_bundle``, through the same broker) and write deploy_report.json/.md
-    into ``out_dir``; returns the report: the bundle's measures, with the MP bundle's under ``model_parallel``."""
+    into ``out_dir``; returns the report: the bundle's measures, with the MP bundle's under ``model_parallel``.
+
+    ``external``: the device and aggregator processes run elsewhere (started by hand on other machines);
+    deploy waits for their ``ready`` status and skips the fault drill, which needs to kill one.
+    """
+    if external and broker_url is None:
+        raise ValueError("--external needs --broker: the processes elsewhere must reach the same broker")
     link = link or Link()
     manifests = {path: read_manifest(path)[1] for path in [bundle_dir, *([mp_bundle] if mp_bundle else [])]}
     num_devices = len(manifests[bundle_dir]["devices"])
@@ -296,6 +302,7 @@ def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.n
         credentials = {f"{u.bundle_id}/{n}": credentials_dir / u.bundle_id / f"{n}.json"
                        for u in users.values() for n in u.names()} | {SOURCE: credentials_dir / f"{SOURCE}.json"}
     setting = {"broker": broker.url, "broker_started_by_deploy": broker_process is not None,
+               "processes": "external" if external else "started by deploy on this machine",
                "link": link.describe(), "deadline_ms": deadline_ms,
                "hardware": {"cpu": cpu_name(), "cores": os.cpu_count()}, "images": len(images)}
     try:
@@ -306,8 +313,8 @@ def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.n
                           deadline_ms, link, work / "logs" / u.bundle_id)
             chain = is_chain(manifest)
             sections[path] = measure_bundle(path, manifest, fleet, credentials[SOURCE], images, labels,
-                                            window=window, drill_images=0 if chain else drill_images,
-                                            drill_device=drill_device, progress=progress)
+                                            window=window, drill_images=0 if chain or external else drill_images,
+                                            drill_device=drill_device, progress=progress, external=external)
     finally:
         if broker_process is not None:
             broker_process.terminate()
@@ -333,7 +340,8 @@ def _wire_total(section: dict) -> float:
 
 
 def measure_bundle(bundle_dir: Path, manifest: dict, fleet: Fleet, source_credentials: Path, images: np.ndarray,
-                   labels: np.ndarray, *, window: int, drill_images: int, drill_device: int, progress: bool) -> dict:
+                   labels: np.ndarray, *, window: int, drill_images: int, drill_device: int, progress: bool,
+                   external: bool = False) -> dict:
     """Start one bundle's processes and run the three phases through the broker; returns its measures."""
     bundle_id = manifest["manifest_sha256"][:12]
     num_devices = len(manifest["devices"])
@@ -344,8 +352,8 @@ def measure_bundle(bundle_dir: Path, manifest: dict, fleet: Fleet, source_creden
     try:
         source = Source(fleet.broker, read_credentials(source_credentials), bundle_id, manifest["num_classes"],
                         fleet.link)
-        started = time.perf_counter()
-        for name in names:
+        started = float("-inf") if external else time.perf_counter()
+        for name in names if not external else []:
             fleet.start(name)
         source.wait_ready(names, started)
         timeout_s = fleet.deadline_ms / 1000.0 + GRACE_S + fleet.link.delay_s(images[:1].nbytes) * 4
@@ -571,5 +579,6 @@ def deploy_from_args(args: argparse.Namespace) -> str:
     run_deploy(bundle_dir, out_dir, images, labels, mp_bundle=mp_bundle, broker_url=args.broker, ca_file=args.ca_file,
                credentials_dir=args.credentials_dir, deadline_ms=args.deadline_ms, window=args.window,
                drill_images=min(args.drill_images, len(images)), drill_device=args.drill_device,
-               link=Link(args.link_mbit, args.link_ms), bundle_report=bundle_report, progress=args.progress)
+               link=Link(args.link_mbit, args.link_ms), bundle_report=bundle_report, progress=args.progress,
+               external=args.external)
     return (out_dir / "deploy_report.md").read_text()

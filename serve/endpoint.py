@@ -1,7 +1,7 @@
 """What every runtime process shares: its MQTT session, its status and stats topics, its counters.
 
-A process announces ``ready`` on ``status/<name>`` (the broker publishes ``offline`` for it if it
-dies), answers ``stats`` on the ``control`` topic with its counters as JSON, and counts every
+A process announces ``ready`` on ``status/<name>``, retained (the broker publishes a retained
+``offline`` for it if it dies, so a client that subscribes later still learns who is up), answers ``stats`` on the ``control`` topic with its counters as JSON, and counts every
 message it drops by reason instead of raising.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Endpoint:
         self.sent_payload_bytes += payload_bytes
 
     def announce(self) -> None:
-        self.client.publish(topic(self.bundle_id, "status", self.name), b"ready", qos=1)
+        self.client.publish(topic(self.bundle_id, "status", self.name), b"ready", qos=1, retain=True)
 
     def stats(self) -> dict:
         return {"name": self.name, "received": self.received, "dropped": dict(self.dropped),
@@ -79,5 +79,5 @@ class Endpoint:
             signal.signal(sig, lambda *_: self.stop.set())
 
     def close(self) -> None:
-        self.client.publish(topic(self.bundle_id, "status", self.name), b"offline", qos=1)
+        self.client.publish(topic(self.bundle_id, "status", self.name), b"offline", qos=1, retain=True)
         self.client.disconnect()

@@ -87,7 +87,7 @@ def connect(broker: Broker, credentials: tuple[str, str], client_id: str, *,
     if broker.tls:
         client.tls_set(ca_certs=broker.ca_file)
     if will is not None:
-        client.will_set(will[0], will[1], qos=1)
+        client.will_set(will[0], will[1], qos=1, retain=True)
     result: dict[str, object] = {}
     done = threading.Event()
 

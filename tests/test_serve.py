@@ -328,3 +328,38 @@ def test_nonn_and_mp_side_by_side_through_one_broker_with_emulated_links(bundle:
     assert report["link"] == {"emulated": True, "mbit_per_s": 50.0, "latency_ms": 1.0}
     assert report["nonn_vs_mp"]["bytes_on_the_wire_ratio"] > 1
     assert "emulated links: 50.0 Mbit/s" in (tmp_path / "deploy_report.md").read_text()
+
+
+def test_deploy_against_processes_started_elsewhere(bundle: Path, broker, fleet: Fleet, test_images, tmp_path: Path):
+    """--broker --external: the devices and aggregator were started by someone else (here: by hand)."""
+    server, credentials, _ = broker
+    for name in ("device_0", "device_1", "aggregator"):
+        fleet.start(name)
+    pixels, labels = test_images
+    report = run_deploy(bundle, tmp_path, pixels[:30], labels[:30], broker_url=server.url,
+                        credentials_dir=credentials[SOURCE].parent, external=True, drill_images=100, progress=False)
+    assert report["processes"] == "external" and report["drill"] is None and not report["broker_started_by_deploy"]
+    assert report["accuracy"]["predictions_equal_bundle"] and report["lost"]["total"] == 0
+
+
+def test_serve_broker_writes_files_for_several_bundles(bundle: Path, chain_bundle, tmp_path: Path):
+    _, mp_path = chain_bundle
+    out = tmp_path / "broker"
+    result = subprocess.run([sys.executable, "-m", "serve", "serve", "broker", "--bundle", str(bundle), "--bundle",
+                             str(mp_path), "--out", str(out), "--port", "18830", "--write-only"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    ids = [read_manifest(p)[1]["manifest_sha256"][:12] for p in (bundle, mp_path)]
+    conf = (out / "mosquitto.conf").read_text()
+    assert "allow_anonymous false" in conf and "listener 18830 0.0.0.0" in conf
+    for bundle_id in ids:
+        user, _ = read_credentials(out / "credentials" / bundle_id / "device_1.json")
+        assert user == f"{bundle_id}.device_1"
+    acl = (out / "acl").read_text()  # in the chain, device 1 reads device 0's feature map, not the image
+    assert f"user {ids[1]}.device_1\ntopic read nonn/{ids[1]}/dev/0\n" in acl
+    assert f"user {ids[0]}.device_1\ntopic read nonn/{ids[0]}/input\n" in acl
+    assert oct((out / "passwd").stat().st_mode & 0o777) == "0o600"
+    bad = subprocess.run([sys.executable, "-m", "serve", "serve", "broker", "--bundle", str(bundle), "--out",
+                          str(tmp_path / "b2"), "--tls-cert", "x.crt", "--write-only"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "--tls-cert and --tls-key go together" in bad.stderr
