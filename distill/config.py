@@ -94,6 +94,12 @@ DEFAULTS: dict[str, Any] = {
     "evaluate": {
         "max_failure_subsets": 32,   # beyond K <= 4, this many random subsets per failure count
     },
+    "deploy": {                      # nonn deploy (its options override these)
+        "deadline_ms": 50.0,         # the aggregator answers with the devices in by then
+        "window": 8,                 # requests in flight in the throughput phase
+        "drill_images": 600,         # images streamed in the fault drill (0: no drill)
+        "drill_device": 0,           # the device the drill kills
+    },
     "wandb": {
         "mode": "auto",              # auto (online with an API key, else offline) | online | offline | disabled
         "project": "nonn",
@@ -261,9 +267,11 @@ def _unit_interval(v: float) -> bool:
 RANGES = {
     **{k: (_at_least_one, "at least 1") for k in (
         "teacher.epochs", "distill.epochs", "data.batch_size", "data.eval_batch_size", "data.val_size",
-        "partition.num_students", "partition.top_k", "trainer.num_nodes", "export.opset")},
-    **{k: (_positive, "above 0") for k in ("teacher.lr", "distill.lr", "partition.resolution")},
-    **{k: (_non_negative, "0 or more") for k in ("teacher.weight_decay", "distill.weight_decay")},
+        "partition.num_students", "partition.top_k", "trainer.num_nodes", "export.opset", "deploy.window")},
+    **{k: (_positive, "above 0") for k in ("teacher.lr", "distill.lr", "partition.resolution",
+                                           "deploy.deadline_ms")},
+    **{k: (_non_negative, "0 or more") for k in ("teacher.weight_decay", "distill.weight_decay",
+                                                 "deploy.drill_images", "deploy.drill_device")},
     **{k: (_unit_interval, "in [0, 1)") for k in ("teacher.momentum", "distill.momentum",
                                                    "distill.student_dropout")},
     "partition.percentile": (lambda v: 0 <= v < 100, "in [0, 100)"),

@@ -68,10 +68,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--limit", type=int, default=None, help="stream only the first N test images")
     deploy.add_argument("--external", action="store_true", help="with --broker: the device and aggregator "
                         "processes already run elsewhere; wait for them instead of starting them (no fault drill)")
-    deploy.add_argument("--deadline-ms", type=float, default=DEFAULT_DEADLINE_MS)
-    deploy.add_argument("--window", type=int, default=8, help="requests in flight in the throughput phase")
-    deploy.add_argument("--drill-images", type=int, default=600, help="images streamed in the fault drill (0: none)")
-    deploy.add_argument("--drill-device", type=int, default=0, help="the device the drill kills")
+    # None: the run's config (deploy section), else the built-in default
+    deploy.add_argument("--deadline-ms", type=float, default=None, help="default: deploy.deadline_ms (50)")
+    deploy.add_argument("--window", type=int, default=None, help="requests in flight in the throughput phase "
+                        "(default: deploy.window, 8)")
+    deploy.add_argument("--drill-images", type=int, default=None, help="images streamed in the fault drill, 0: "
+                        "none (default: deploy.drill_images, 600)")
+    deploy.add_argument("--drill-device", type=int, default=None, help="the device the drill kills "
+                        "(default: deploy.drill_device, 0)")
     deploy.add_argument("--data-dir", default=None, help="dataset folder (default: the run's data.data_dir)")
     deploy.add_argument("--mp", action="store_true", help="also cut the run's teacher layer-wise (model "
                         "parallelism, export_mp/) and measure it through the same broker, side by side")

@@ -250,17 +250,22 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def test_split(run_dir: Path | None, manifest: dict, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+def run_config(run_dir: Path | None, manifest: dict) -> dict:
+    """The run's resolved config when there is one, else the defaults for the bundle's dataset."""
+    from distill.config import load_config
+
+    if run_dir is not None and (run_dir / "config.yaml").exists():
+        return load_config(run_dir / "config.yaml", [])
+    config = load_config(None, [])
+    config["data"]["dataset"] = manifest.get("dataset", config["data"]["dataset"])
+    return config
+
+
+def test_split(data: dict, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     """The test images (uint8, as the evaluate stage reads them) and labels."""
-    from distill.config import DEFAULTS, load_config
     from distill.datasets import load_raw
 
-    config = load_config(run_dir / "config.yaml", []) if run_dir and (run_dir / "config.yaml").exists() else None
-    data = dict(config["data"] if config else DEFAULTS["data"])
-    if config is None:
-        data["dataset"] = manifest.get("dataset", data["dataset"])
-    if data_dir is not None:
-        data["data_dir"] = data_dir
+    data = dict(data, data_dir=data_dir) if data_dir is not None else data
     raw = load_raw(data, int(data["split_seed"]))
     n = data["test_subset"] or len(raw.test_labels)
     return raw.test_images[:n].numpy(), raw.test_labels[:n].numpy()
@@ -286,6 +291,8 @@ def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.n
         raise ValueError(f"--drill-device {drill_device}: the bundle has devices 0..{num_devices - 1}")
     if window < 1:
         raise ValueError(f"--window {window}: must be >= 1")
+    if deadline_ms <= 0:
+        raise ValueError(f"--deadline-ms {deadline_ms:g}: must be above 0")
     work = out_dir / "deploy"
     (work / "logs").mkdir(parents=True, exist_ok=True)
     users = {path: Users.of(m) for path, m in manifests.items()}
@@ -565,7 +572,10 @@ def deploy_from_args(args: argparse.Namespace) -> str:
     bundle_dir = (run_dir / "export") if run_dir else args.bundle
     out_dir = args.out or run_dir or bundle_dir.resolve().parent
     _, manifest = read_manifest(bundle_dir)
-    images, labels = test_split(run_dir or bundle_dir.resolve().parent, manifest, args.data_dir)
+    config = run_config(run_dir or bundle_dir.resolve().parent, manifest)
+    options = {key: getattr(args, key) if getattr(args, key) is not None else config["deploy"][key]
+               for key in ("deadline_ms", "window", "drill_images", "drill_device")}
+    images, labels = test_split(config["data"], args.data_dir)
     if args.limit is not None:
         images, labels = images[:args.limit], labels[:args.limit]
     report_file = (run_dir or bundle_dir.resolve().parent) / "report.json"
@@ -577,8 +587,8 @@ def deploy_from_args(args: argparse.Namespace) -> str:
         raise ValueError("--mp needs --run-dir: the MP bundle is cut from that run's teacher")
     mp_bundle = model_parallel_bundle(run_dir, len(manifest["devices"])) if args.mp else None
     run_deploy(bundle_dir, out_dir, images, labels, mp_bundle=mp_bundle, broker_url=args.broker, ca_file=args.ca_file,
-               credentials_dir=args.credentials_dir, deadline_ms=args.deadline_ms, window=args.window,
-               drill_images=min(args.drill_images, len(images)), drill_device=args.drill_device,
+               credentials_dir=args.credentials_dir, deadline_ms=options["deadline_ms"], window=options["window"],
+               drill_images=min(options["drill_images"], len(images)), drill_device=options["drill_device"],
                link=Link(args.link_mbit, args.link_ms), bundle_report=bundle_report, progress=args.progress,
                external=args.external)
     return (out_dir / "deploy_report.md").read_text()

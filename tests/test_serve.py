@@ -363,3 +363,12 @@ def test_serve_broker_writes_files_for_several_bundles(bundle: Path, chain_bundl
                           str(tmp_path / "b2"), "--tls-cert", "x.crt", "--write-only"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "--tls-cert and --tls-key go together" in bad.stderr
+
+
+def test_deploy_takes_its_defaults_from_the_run_config(bundle: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(bundle, run / "export")
+    (run / "config.yaml").write_text("deploy:\n  window: 0\n")
+    result = subprocess.run([sys.executable, "-m", "distill", "deploy", "--run-dir", str(run)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 1 and "deploy.window = 0: must be at least 1" in result.stderr, result.stderr
