@@ -81,6 +81,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "parallelism, export_mp/) and measure it through the same broker, side by side")
     deploy.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     _add_link_options(deploy)
+    deploy.add_argument("--link-scope", choices=("all", "devices"), default="all",
+                        help="who sends through the emulated links: every sender (default) or only the devices")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -143,10 +143,11 @@ class Fleet:
                "--broker", self.broker.url, *extra]
         if self.broker.ca_file:
             cmd += ["--ca-file", self.broker.ca_file]
-        if self.link.mbit_per_s:
-            cmd += ["--link-mbit", str(self.link.mbit_per_s)]
-        if self.link.latency_ms:
-            cmd += ["--link-ms", str(self.link.latency_ms)]
+        link = self.link.for_role(role)
+        if link.mbit_per_s:
+            cmd += ["--link-mbit", str(link.mbit_per_s)]
+        if link.latency_ms:
+            cmd += ["--link-ms", str(link.latency_ms)]
         return cmd
 
     def start(self, name: str) -> None:
@@ -358,7 +359,7 @@ def measure_bundle(bundle_dir: Path, manifest: dict, fleet: Fleet, source_creden
     n = len(images)
     try:
         source = Source(fleet.broker, read_credentials(source_credentials), bundle_id, manifest["num_classes"],
-                        fleet.link)
+                        fleet.link.for_role("source"))
         started = float("-inf") if external else time.perf_counter()
         for name in names if not external else []:
             fleet.start(name)
@@ -476,8 +477,9 @@ def _fmt(value, digits: int = 2) -> str:
 
 def render_markdown(r: dict) -> str:
     link = r["link"]
+    senders = "every sender: source, devices, aggregator" if link.get("scope", "all") == "all" else "the devices only"
     shaped = (f"emulated links: {link['mbit_per_s'] or 'unlimited'} Mbit/s, {link['latency_ms'] or 0} ms per message "
-              "(applied by each sender)") if link["emulated"] else "loopback, no link emulation"
+              f"(applied by {senders})") if link["emulated"] else "loopback, no link emulation"
     lat, acc, b = r["latency_ms_batch1"], r["accuracy"], r["bytes_per_inference"]
     lines = [f"# Deployment report: bundle {r['bundle_id']} ({r['devices']} devices, {r['transport']} transport)", "",
              f"Broker {r['broker']}; {shaped}; {r['hardware']['cpu']}, {r['hardware']['cores']} cores; "
@@ -589,6 +591,7 @@ def deploy_from_args(args: argparse.Namespace) -> str:
     run_deploy(bundle_dir, out_dir, images, labels, mp_bundle=mp_bundle, broker_url=args.broker, ca_file=args.ca_file,
                credentials_dir=args.credentials_dir, deadline_ms=options["deadline_ms"], window=options["window"],
                drill_images=min(options["drill_images"], len(images)), drill_device=options["drill_device"],
-               link=Link(args.link_mbit, args.link_ms), bundle_report=bundle_report, progress=args.progress,
+               link=Link(args.link_mbit, args.link_ms, args.link_scope), bundle_report=bundle_report,
+               progress=args.progress,
                external=args.external)
     return (out_dir / "deploy_report.md").read_text()

@@ -115,15 +115,30 @@ def connect(broker: Broker, credentials: tuple[str, str], client_id: str, *,
     return client
 
 
+LINK_SCOPES = ("all", "devices")
+
+
 class Link:
     """Emulated uplink applied by a sender: each message waits its serialisation time plus the latency.
 
-    Labelled as emulated wherever it appears; ``None`` rates mean a real (unshaped) link.
+    Labelled as emulated wherever it appears; ``None`` rates mean a real (unshaped) link. ``scope``
+    says who sends through it: ``all`` (the image source, every device, the aggregator's answer) or
+    ``devices`` (only the devices' uplinks; the source and the aggregator sit on unshaped links).
     """
 
-    def __init__(self, mbit_per_s: float | None = None, latency_ms: float | None = None) -> None:
+    def __init__(self, mbit_per_s: float | None = None, latency_ms: float | None = None, scope: str = "all") -> None:
+        if scope not in LINK_SCOPES:
+            raise ValueError(f"--link-scope {scope!r}: choose one of {', '.join(LINK_SCOPES)}")
+        for name, value in (("--link-mbit", mbit_per_s), ("--link-ms", latency_ms)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} {value:g}: must be above 0")
         self.mbit_per_s = mbit_per_s
         self.latency_ms = latency_ms
+        self.scope = scope
+
+    def for_role(self, role: str) -> "Link":
+        """The link a sender of this role uses: this one, or an unshaped one when out of scope."""
+        return self if self.scope == "all" or role == "device" else Link()
 
     @property
     def emulated(self) -> bool:
@@ -139,4 +154,5 @@ class Link:
         client.publish(topic_name, data, qos=0)
 
     def describe(self) -> dict:
-        return {"emulated": self.emulated, "mbit_per_s": self.mbit_per_s, "latency_ms": self.latency_ms}
+        return {"emulated": self.emulated, "mbit_per_s": self.mbit_per_s, "latency_ms": self.latency_ms,
+                "scope": self.scope if self.emulated else None}

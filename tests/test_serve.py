@@ -121,6 +121,17 @@ def test_random_bytes_only_ever_raise_wire_errors():
             pass
 
 
+def test_link_emulation_scope_and_delay():
+    link = Link(mbit_per_s=1.0, latency_ms=10.0, scope="devices")
+    assert link.delay_s(1250) == pytest.approx(0.01 + 0.01)  # 10,000 bits at 1 Mbit/s, then 10 ms
+    assert link.for_role("device") is link and not link.for_role("source").emulated
+    assert not link.for_role("aggregator").emulated and Link(1.0, None).for_role("source").emulated
+    with pytest.raises(ValueError, match="--link-scope 'some'"):
+        Link(1.0, 1.0, scope="some")
+    with pytest.raises(ValueError, match="--link-mbit 0: must be above 0"):
+        Link(0.0, 1.0)
+
+
 # --- end to end ----------------------------------------------------------------------------------------
 
 def test_deploy_end_to_end_with_fault_drill(bundle: Path, test_images, tmp_path: Path):
@@ -325,7 +336,7 @@ def test_nonn_and_mp_side_by_side_through_one_broker_with_emulated_links(bundle:
     feature_map = read_manifest(mp_path)[1]["devices"][0]["output_width"] * 4
     assert mp["per_inference"]["device_0"]["payload_bytes"] == feature_map
     assert mp["per_inference"]["device_1"]["payload_bytes"] == 4 * len(CLASSES)
-    assert report["link"] == {"emulated": True, "mbit_per_s": 50.0, "latency_ms": 1.0}
+    assert report["link"] == {"emulated": True, "mbit_per_s": 50.0, "latency_ms": 1.0, "scope": "all"}
     assert report["nonn_vs_mp"]["bytes_on_the_wire_ratio"] > 1
     assert "emulated links: 50.0 Mbit/s" in (tmp_path / "deploy_report.md").read_text()
 
