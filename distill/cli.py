@@ -61,7 +61,9 @@ def run_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
     from distill.config import ConfigError, load_config, run_dir_of
     from distill.io import run_lock
     from distill.ranks import is_worker
-    from distill.stages import STAGES, Context, run_stage
+    from distill.context import Context
+    from distill.records import STAGES
+    from distill.stages import run_stage
 
     quiet_known_noise()
     try:

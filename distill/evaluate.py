@@ -16,7 +16,7 @@ from students.complexity import count_macs, count_params, weight_bytes
 from students.model_parallel import split_layerwise
 
 if TYPE_CHECKING:
-    from distill.stages import Context
+    from distill.context import Context
     from distill.tracking import Tracker
 
 
@@ -43,7 +43,8 @@ def bundle_vectors(bundle, images: torch.Tensor, batch_size: int = 500) -> list[
 
 
 def evaluate_run(ctx: "Context", tracker: "Tracker") -> dict:
-    from distill.stages import load_student, mark_done, teacher_map_size
+    from distill.loading import load_student, teacher_map_size
+    from distill.records import mark_done
     from students.bundle import Bundle
 
     dm = ctx.datamodule()

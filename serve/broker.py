@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from serve.mqtt import Broker, RuntimeSetupError, topic
+from serve.mqtt import RuntimeSetupError, topic
 from students.bundle import is_chain
 
 PBKDF2_ITERATIONS = 101  # Mosquitto's own default for $7$ hashes

@@ -543,7 +543,8 @@ def model_parallel_bundle(run_dir: Path, num_devices: int) -> Path:
     import torch
 
     from distill.config import load_config
-    from distill.stages import Context, load_teacher
+    from distill.context import Context
+    from distill.loading import load_teacher
     from students.export import export_chain
     from students.model_parallel import split_modules
 

@@ -14,7 +14,8 @@ import torch
 
 from distill.config import load_config
 from distill.evaluate import batched
-from distill.stages import Context, load_teacher
+from distill.context import Context
+from distill.loading import load_teacher
 from tests.conftest import ROOT, TINY
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",

@@ -15,7 +15,10 @@ from distill.cli import main
 from distill.config import load_config
 from distill.io import sha256_file
 from distill.modules import NoNNModule
-from distill.stages import STAGES, Context, load_student, run_stage
+from distill.context import Context
+from distill.loading import load_student
+from distill.records import STAGES
+from distill.stages import run_stage
 from tests.conftest import TINY
 
 

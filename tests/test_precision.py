@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from distill.precision import resolve_precision
-from distill.stages import Context, run_stage
+from distill.context import Context
+from distill.stages import run_stage
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Teacher stage with a real Lightning Trainer on synthetic data: checkpoints, resume, skip, errors."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,9 @@ import torch
 from distill.checkpoints import CheckpointError
 from distill.cli import main
 from distill.modules import TeacherModule
-from distill.stages import Context, load_teacher, run_stage
+from distill.context import Context
+from distill.loading import load_teacher
+from distill.stages import run_stage
 
 
 def test_teacher_trains_is_interrupted_and_resumes(tiny_config, crash_in_second_epoch, monkeypatch, capsys):

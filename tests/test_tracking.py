@@ -1,11 +1,8 @@
 """W&B: offline without an account, and never fatal."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from distill import tracking
 from distill.tracking import Tracker, resolve_mode
 
 

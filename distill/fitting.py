@@ -1,0 +1,91 @@
+"""How a training stage trains: the Lightning Trainer with best/last checkpoints, resuming from the
+true last epoch, and a fresh folder that replaces the finished result only on success."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from distill.checkpoints import checkpoint_epoch
+from distill.context import Context
+from distill.data import ImageDataModule
+from distill.io import restore_interrupted_swap, swap_in, write_text_atomic
+from distill.precision import resolve_precision
+from distill.ranks import is_worker, sync_processes
+from distill.records import fingerprint
+from distill.tracking import Tracker, lightning_loggers
+
+
+def fit(ctx: Context, stage_dir: Path, module: pl.LightningModule, dm: ImageDataModule, epochs: int,
+         tracker: Tracker, stage: str) -> tuple[pl.Trainer, ModelCheckpoint, int]:
+    """Fit with best/last checkpoints in ``stage_dir``; resume from last.ckpt if it is this run's.
+    Returns the trainer, the best-checkpoint callback and how many epochs this call trained."""
+    marker = stage_dir / "fingerprint.txt"
+    current = fingerprint(ctx, stage)
+    last = stage_dir / "last.ckpt"
+    resume = (not ctx.force and last.exists() and marker.exists() and marker.read_text() == current)
+    resumed_epoch = checkpoint_epoch(last, f"{stage} last") if resume else None
+    sync_processes()  # every process decides on resuming before rank 0 touches the folder
+    if not is_worker():  # rank 0 alone prepares the folder
+        if not resume and stage_dir.exists():
+            shutil.rmtree(stage_dir)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(marker, current)
+    checkpoint = ModelCheckpoint(dirpath=stage_dir, filename="best", monitor="val/acc", mode="max",
+                                 save_top_k=1, enable_version_counter=False)
+    # every epoch, improved or not, so that a killed run resumes from its true last epoch
+    every_epoch = ModelCheckpoint(dirpath=stage_dir, filename="last", monitor=None, save_top_k=1,
+                                  enable_version_counter=False)
+    tc = ctx.config["trainer"]
+    trainer = pl.Trainer(max_epochs=epochs, accelerator=tc["accelerator"], devices=tc["devices"],
+                         strategy=tc["strategy"], num_nodes=tc["num_nodes"],
+                         precision=resolve_precision(tc["precision"], tc["accelerator"]),
+                         deterministic=tc["deterministic"], logger=lightning_loggers(tracker, stage_dir, resumed_epoch),
+                         callbacks=[checkpoint, every_epoch], enable_progress_bar=ctx.progress,
+                         enable_model_summary=False, limit_train_batches=tc["limit_train_batches"],
+                         limit_val_batches=tc["limit_val_batches"], num_sanity_val_steps=0, log_every_n_steps=10,
+                         default_root_dir=str(stage_dir))
+    if resume:
+        print(f"[nonn] {stage}: resuming from {last}")
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
+    return trainer, checkpoint, epochs - (resumed_epoch + 1 if resume else 0)
+
+
+STAGE_DIRS = {"teacher": "teacher", "distill": "students"}
+
+
+def work_dir(ctx: Context, stage: str, final: Path) -> Path:
+    """Where a training stage trains: its own folder when that holds a run of this very config (to
+    resume) or no finished result; otherwise a folder beside it that replaces it only on success, so
+    a changed config or --force never costs the last good result before the new one exists."""
+    if not is_worker():
+        restore_interrupted_swap(final)
+    marker = final / "fingerprint.txt"
+    same_run = not ctx.force and marker.exists() and marker.read_text() == fingerprint(ctx, stage)
+    if same_run or not (final / "best.ckpt").exists():
+        return final
+    return final.parent / f".{final.name}.next"
+
+
+def train_and_test(ctx: Context, tracker: Tracker, stage: str, module: pl.LightningModule, dm: ImageDataModule,
+                    epochs: int, what: str) -> tuple[Path, dict]:
+    """Fit, then test the best checkpoint (validation picked it; the test set is only reported)."""
+    final = ctx.run_dir / STAGE_DIRS[stage]
+    work = work_dir(ctx, stage, final)
+    start = time.perf_counter()
+    trainer, checkpoint, fit_epochs = fit(ctx, work, module, dm, epochs, tracker, stage)
+    fit_seconds = time.perf_counter() - start
+    tested = trainer.test(module, datamodule=dm, ckpt_path=str(work / "best.ckpt"), verbose=False,
+                          weights_only=True)
+    if work != final and not is_worker():
+        swap_in(work, final)  # the previous result is removed only now that its replacement is complete
+    sync_processes()
+    best = final / "best.ckpt"
+    acc = float(tested[0]["test/acc"])
+    tracker.summary({f"{stage}/test_acc": acc})
+    print(f"[nonn] {stage}: {what} test accuracy {acc:.4f} ({best})")
+    return best, {"test_acc": acc, "best_val_acc": float(checkpoint.best_model_score), "epochs": epochs,
+                  "precision": str(trainer.precision), "fit_seconds": round(fit_seconds, 1), "fit_epochs": fit_epochs}
