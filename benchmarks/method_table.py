@@ -33,10 +33,11 @@ def main() -> None:
                          f"{n['total_bytes_sent']} B", t["params"]))
     for label, r in reports:
         if r["nonn"]["num_students"] > 1:
-            mp = r["model_parallel"]
-            sent = sum(s["bytes_sent"] for s in mp[:-1])
-            lines.append(f"| model parallelism, teacher over {len(mp)} devices (analytic) | {t['test_acc']:.4f} | "
-                         f"{max(s['params'] for s in mp):,} | {max(s['macs'] for s in mp) / 1e6:.2f} M | {sent:,} B | "
+            mp = r["model_parallel"]["devices"]
+            sent = r["model_parallel"]["bytes_sent_between_devices"]
+            lines.append(f"| model parallelism, teacher over {len(mp)} devices | "
+                         f"{r['model_parallel']['test_acc']:.4f} | {max(s['params'] for s in mp):,} | "
+                         f"{max(s['macs'] for s in mp) / 1e6:.2f} M | {sent:,} B | "
                          f"{t['params'] / max(s['params'] for s in mp):.1f}x |")
             break
     failures = ["", "Accuracy under device failures (mean over every subset of that many failed devices; a failed "

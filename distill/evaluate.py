@@ -13,7 +13,6 @@ import torch
 from distill.io import atomic_path, read_json, write_json_atomic, write_text_atomic
 from distill.report import render_markdown
 from students.complexity import count_macs, count_params, weight_bytes
-from students.model_parallel import split_layerwise
 
 if TYPE_CHECKING:
     from distill.context import Context
@@ -40,6 +39,19 @@ def failure_subsets(num_devices: int, max_random: int, seed: int) -> list[tuple[
 def bundle_vectors(bundle, images: torch.Tensor, batch_size: int = 500) -> list[np.ndarray]:
     parts = [bundle.device_vectors(images[i:i + batch_size].numpy()) for i in range(0, len(images), batch_size)]
     return [np.concatenate(per_device) for per_device in zip(*parts)]
+
+
+def model_parallel_report(bundle_dir: Path, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The teacher cut layer-wise (the export stage's chain bundle), run in ONNX Runtime like NoNN's:
+    its accuracy and, per device, size, MACs and bytes sent. It has no answer when any device fails."""
+    from students.bundle import Bundle
+
+    bundle = Bundle.load(bundle_dir)
+    logits = bundle.predict_batches(images.numpy(), batch_size=500)
+    devices = [{"layers": d["layers"], "params": d["params"], "weight_bytes": d["weight_bytes"], "macs": d["macs"],
+                "bytes_sent": d["bytes_sent_per_inference"]} for d in bundle.manifest["devices"]]
+    return {"test_acc": _acc(torch.from_numpy(logits).argmax(1), labels), "devices": devices,
+            "bytes_sent_between_devices": sum(d["bytes_sent"] for d in devices[:-1])}
 
 
 def evaluate_run(ctx: "Context", tracker: "Tracker") -> dict:
@@ -92,7 +104,7 @@ def evaluate_run(ctx: "Context", tracker: "Tracker") -> dict:
             "max_device_macs": max(d["macs"] for d in devices),
             "total_bytes_sent": sum(d["bytes_sent_per_inference"] for d in devices),
         },
-        "model_parallel": [vars(s) for s in split_layerwise(teacher, num_devices, shape)],
+        "model_parallel": model_parallel_report(ctx.run_dir / "export_mp", images, labels),
         "failures": failures,
     }
     n = report["nonn"]

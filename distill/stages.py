@@ -118,23 +118,32 @@ def stage_distill(ctx: Context, tracker: Tracker) -> dict:
 
 
 def stage_export(ctx: Context, tracker: Tracker) -> dict:
-    from students.export import export_bundle
+    """The NoNN bundle (``export/``) and, as its baseline, the teacher cut layer-wise over as many
+    devices at MAC-balanced points (model parallelism, ``export_mp/``)."""
+    from students.export import export_bundle, export_chain
+    from students.model_parallel import split_modules
 
     dm = ctx.datamodule()
     student, teacher, partition = load_student(ctx, dm)
     calibration = torch.cat([x for x, _ in itertools.islice(dm.val_dataloader(), 4)])
-    out_dir = ctx.run_dir / "export"
     ecfg = ctx.config["export"]
-    manifest = export_bundle(student, out_dir, image_shape=dm.image_shape, class_names=dm.class_names,
-                             partitions=partition["partitions"], calibration_images=calibration,
-                             transport=ecfg["transport"], int8_weights=ecfg["int8_weights"], opset=ecfg["opset"],
-                             extra={"run_name": ctx.config["name"], "dataset": ctx.config["data"]["dataset"],
-                                    "teacher_sha256": partition["teacher_sha256"]})
-    tracker.log_artifact(out_dir, f"{ctx.config['name']}-bundle", "model")
-    print(f"[nonn] export: {len(manifest['devices'])} devices + aggregator in {out_dir}")
-    bundle_files = sorted(p for p in out_dir.rglob("*") if p.is_file())  # every file, so any edit is seen
-    mark_done(ctx, "export", bundle_files, {"devices": len(manifest["devices"])})
-    return {"devices": len(manifest["devices"])}
+    about = {"run_name": ctx.config["name"], "dataset": ctx.config["data"]["dataset"],
+             "teacher_sha256": partition["teacher_sha256"]}
+    manifest = export_bundle(student, ctx.run_dir / "export", image_shape=dm.image_shape,
+                             class_names=dm.class_names, partitions=partition["partitions"],
+                             calibration_images=calibration, transport=ecfg["transport"],
+                             int8_weights=ecfg["int8_weights"], opset=ecfg["opset"], extra=about)
+    num_devices = len(manifest["devices"])
+    export_chain(split_modules(teacher, num_devices, dm.image_shape), ctx.run_dir / "export_mp",
+                 image_shape=dm.image_shape, class_names=dm.class_names, calibration_images=calibration,
+                 opset=ecfg["opset"], extra={**about, "method": "mp", "teacher_arch": ctx.config["teacher"]["arch"]})
+    tracker.log_artifact(ctx.run_dir / "export", f"{ctx.config['name']}-bundle", "model")
+    print(f"[nonn] export: {num_devices} devices + aggregator in {ctx.run_dir / 'export'}, "
+          f"the model-parallel baseline in {ctx.run_dir / 'export_mp'}")
+    # every file of both bundles, so that any edit is seen
+    files = sorted(p for d in ("export", "export_mp") for p in (ctx.run_dir / d).rglob("*") if p.is_file())
+    mark_done(ctx, "export", files, {"devices": num_devices})
+    return {"devices": num_devices}
 
 
 def stage_evaluate(ctx: Context, tracker: Tracker) -> dict:

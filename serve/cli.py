@@ -77,8 +77,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--drill-device", type=int, default=None, help="the device the drill kills "
                         "(default: deploy.drill_device, 0)")
     deploy.add_argument("--data-dir", default=None, help="dataset folder (default: the run's data.data_dir)")
-    deploy.add_argument("--mp", action="store_true", help="also cut the run's teacher layer-wise (model "
-                        "parallelism, export_mp/) and measure it through the same broker, side by side")
+    deploy.add_argument("--mp", action="store_true", help="also measure the run's model-parallel baseline "
+                        "(export_mp/: the teacher cut layer-wise) through the same broker, side by side")
     deploy.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     _add_link_options(deploy)
     deploy.add_argument("--link-scope", choices=("all", "devices"), default="all",

@@ -535,64 +535,34 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def model_parallel_bundle(run_dir: Path, num_devices: int) -> Path:
-    """``<run-dir>/export_mp``: the run's teacher split layer-wise at MAC-balanced cuts over ``num_devices``
-    (exported once per teacher checkpoint; later calls reuse it)."""
-    import itertools
-
-    import torch
-
-    from distill.config import load_config
-    from distill.context import Context
-    from distill.loading import load_teacher
-    from students.export import export_chain
-    from students.model_parallel import split_modules
-
-    ctx = Context(load_config(run_dir / "config.yaml", []), run_dir)
-    out = run_dir / "export_mp"
-    sha = None
-    if (out / "manifest.json").exists():
-        from distill.io import sha256_file
-
-        _, manifest = read_manifest(out)
-        sha = sha256_file(ctx.teacher_path())
-        if manifest.get("teacher_sha256") == sha and len(manifest["devices"]) == num_devices:
-            return out
-    dm = ctx.datamodule()
-    teacher, sha = load_teacher(ctx, dm)
-    calibration = torch.cat([x for x, _ in itertools.islice(dm.val_dataloader(), 2)])
-    with torch.no_grad():
-        export_chain(split_modules(teacher, num_devices, dm.image_shape), out, image_shape=dm.image_shape,
-                     class_names=dm.class_names, calibration_images=calibration,
-                     extra={"method": "mp", "teacher_sha256": sha, "teacher_arch": ctx.config["teacher"]["arch"]})
-    return out
-
-
 def deploy_from_args(args: argparse.Namespace) -> str:
+    """``nonn deploy``: every option checked before the data is read or a process starts."""
     if args.broker and not args.credentials_dir:
         raise ValueError("--broker needs --credentials-dir (the credentials/ folder 'nonn serve broker' wrote)")
+    if args.mp and args.run_dir is None:
+        raise ValueError("--mp needs --run-dir: the model-parallel bundle is that run's export_mp/")
     run_dir = args.run_dir
     bundle_dir = (run_dir / "export") if run_dir else args.bundle
-    out_dir = args.out or run_dir or bundle_dir.resolve().parent
+    home = run_dir or bundle_dir.resolve().parent
+    mp_bundle = run_dir / "export_mp" if args.mp else None
+    if mp_bundle is not None and not (mp_bundle / "manifest.json").exists():
+        raise ValueError(f"{mp_bundle}: no model-parallel bundle; run `nonn export --force` on {run_dir} "
+                         "(the export stage writes export_mp/ beside export/)")
     _, manifest = read_manifest(bundle_dir)
-    config = run_config(run_dir or bundle_dir.resolve().parent, manifest)
+    config = run_config(home, manifest)
     options = {key: getattr(args, key) if getattr(args, key) is not None else config["deploy"][key]
                for key in ("deadline_ms", "window", "drill_images", "drill_device")}
+    link = Link(args.link_mbit, args.link_ms, args.link_scope)
     images, labels = test_split(config["data"], args.data_dir)
     if args.limit is not None:
         images, labels = images[:args.limit], labels[:args.limit]
-    report_file = (run_dir or bundle_dir.resolve().parent) / "report.json"
     bundle_report = None
-    if report_file.exists():
-        saved = json.loads(report_file.read_text())
+    if (home / "report.json").exists():
+        saved = json.loads((home / "report.json").read_text())
         bundle_report = {**saved.get("nonn", {}), "failures": saved.get("failures", [])}
-    if args.mp and run_dir is None:
-        raise ValueError("--mp needs --run-dir: the MP bundle is cut from that run's teacher")
-    mp_bundle = model_parallel_bundle(run_dir, len(manifest["devices"])) if args.mp else None
+    out_dir = args.out or home
     run_deploy(bundle_dir, out_dir, images, labels, mp_bundle=mp_bundle, broker_url=args.broker, ca_file=args.ca_file,
                credentials_dir=args.credentials_dir, deadline_ms=options["deadline_ms"], window=options["window"],
                drill_images=min(options["drill_images"], len(images)), drill_device=options["drill_device"],
-               link=Link(args.link_mbit, args.link_ms, args.link_scope), bundle_report=bundle_report,
-               progress=args.progress,
-               external=args.external)
+               link=link, bundle_report=bundle_report, progress=args.progress, external=args.external)
     return (out_dir / "deploy_report.md").read_text()

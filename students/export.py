@@ -121,7 +121,7 @@ def export_chain(segments: Sequence[nn.Module], out_dir: Path, *, image_shape: t
             with torch.no_grad():
                 y = segment(x)
             out_shape = list(y.shape[1:])
-            devices.append({"name": f"device_{i}", **files,
+            devices.append({"name": f"device_{i}", **files, "layers": getattr(segment, "layer_span", None),
                             "input": {"shape": list(x.shape[1:]), "dtype": "float32"},
                             "output_shape": out_shape, "output_width": int(np.prod(out_shape)),
                             "output_dtype": "float32", "params": count_params(segment),

@@ -13,12 +13,13 @@ import torch
 
 from distill.cli import main
 from distill.config import load_config
-from distill.io import sha256_file
-from distill.modules import NoNNModule
 from distill.context import Context
+from distill.io import sha256_file
 from distill.loading import load_student
+from distill.modules import NoNNModule
 from distill.records import STAGES
 from distill.stages import run_stage
+from students.bundle import read_manifest
 from tests.conftest import TINY
 
 
@@ -66,7 +67,10 @@ def test_report_matches_the_bundle_and_lists_failures(finished_run):
     assert [f["missing"] for f in report["failures"]] == [[], [0], [1]]
     assert sum(d["output_width"] for d in nonn["devices"]) == 64  # every filter of the WRN-10-1 teacher
     assert all(d["bytes_sent_per_inference"] == 4 * d["output_width"] for d in nonn["devices"])
-    assert len(report["model_parallel"]) == 2 and report["model_parallel"][0]["bytes_sent"] > nonn["total_bytes_sent"]
+    mp = report["model_parallel"]  # the export stage's chain bundle, run in ONNX Runtime: the teacher's answers
+    assert len(mp["devices"]) == 2 and mp["bytes_sent_between_devices"] > nonn["total_bytes_sent"]
+    assert mp["test_acc"] == pytest.approx(report["teacher"]["test_acc"], abs=1.5 / report["test_images"])
+    assert read_manifest(finished_run / "export_mp")[1]["topology"] == "chain"
     md = (finished_run / "report.md").read_text()
     assert "Device failures" in md and "model parallelism" in md
 

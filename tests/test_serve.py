@@ -383,3 +383,13 @@ def test_deploy_takes_its_defaults_from_the_run_config(bundle: Path, tmp_path: P
     result = subprocess.run([sys.executable, "-m", "distill", "deploy", "--run-dir", str(run)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 1 and "deploy.window = 0: must be at least 1" in result.stderr, result.stderr
+
+
+def test_deploy_mp_needs_the_export_stages_model_parallel_bundle(bundle: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(bundle, run / "export")
+    for args, message in ((["--run-dir", str(run), "--mp"], "no model-parallel bundle; run `nonn export --force`"),
+                          (["--bundle", str(run / "export"), "--mp"], "--mp needs --run-dir")):
+        result = subprocess.run([sys.executable, "-m", "distill", "deploy", *args], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert result.returncode == 1 and message in result.stderr, result.stderr
