@@ -239,8 +239,16 @@ def test_fuzzed_foreign_and_forbidden_messages_are_dropped_and_counted(bundle: P
         rogue.publish(topic(bundle_id, "out"),
                       wire.encode(wire.KIND_OUTPUT, key, forged, np.zeros((1, len(CLASSES)), np.float32)))
         rogue.loop(timeout=0.5)
-        answer = source.wait(source.send(pixel), 10.0)
-        stats = source.collect_stats(names)
+        request = source.send(pixel)
+        answer = source.wait(request, 10.0)
+        # a vector for a request already answered is late: dropped and counted
+        rogue.publish(topic(bundle_id, "dev", 0),
+                      wire.encode(wire.KIND_DEVICE, key, request, np.zeros((1, WIDTHS[0]), np.float32)))
+        rogue.loop(timeout=0.5)
+        deadline = time.monotonic() + 10
+        while (stats := source.collect_stats(names))["aggregator"]["dropped"].get("late", 0) < 1:
+            assert time.monotonic() < deadline, stats["aggregator"]["dropped"]
+            time.sleep(0.1)
         fleet.check_alive()
     finally:
         source.close()
@@ -252,8 +260,8 @@ def test_fuzzed_foreign_and_forbidden_messages_are_dropped_and_counted(bundle: P
     assert dropped_0.get("foreign") == 1 and dropped_0.get("bad_input") == 1
     assert sum(dropped_0.values()) == 52  # 50 random + foreign + NaN image
     dropped_agg = stats["aggregator"]["dropped"]
-    assert dropped_agg.get("foreign") == 1 and dropped_agg.get("bad_input") == 1
-    assert sum(dropped_agg.values()) == 50 + 50 + 3  # random inputs and vectors, foreign, NaN, the bad width
+    assert dropped_agg.get("foreign") == 1 and dropped_agg.get("bad_input") == 1 and dropped_agg.get("late") == 1
+    assert sum(dropped_agg.values()) == 50 + 50 + 4  # random inputs and vectors, foreign, NaN, bad width, late
 
 
 def test_rejected_credentials_are_one_line_errors(bundle: Path, broker, tmp_path: Path):
