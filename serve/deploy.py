@@ -4,9 +4,9 @@ Phases, all through the broker: (1) every test image at batch 1, one at a time: 
 wire, end-to-end latency percentiles, bytes per inference (counted at each client's socket) and
 per-process compute time; (2) the same images pipelined (``window`` requests in flight):
 throughput; (3) the fault drill: one device process is SIGKILLed a third of the way into a stream
-and restarted at two thirds; every request must still be answered within the deadline, the answers
-while it is down must equal the bundle's own predictions with that device missing, and it must
-rejoin. Writes ``deploy_report.json`` and ``deploy_report.md``.
+and restarted at two thirds; every request must still be answered (the aggregator answers at its
+deadline at the latest), the answers while it is down must equal the bundle's own predictions with
+that device missing, and it must rejoin. Writes ``deploy_report.json`` and ``deploy_report.md``.
 """
 from __future__ import annotations
 
