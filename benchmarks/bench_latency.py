@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from distill.hardware import cpu_name
 from students.bundle import Bundle, parts
 
 BYTES_PER_NUMBER = {"fp32": 4, "fp16": 2, "int8": 1}
@@ -177,13 +178,6 @@ def transport_rows(manifest: dict) -> list[list[str]]:
     return rows + [["all devices", str(sum(widths)), *(str(sum(widths) * n) for n in BYTES_PER_NUMBER.values())]]
 
 
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return names[0] if names else platform.processor() or "unknown CPU"
-
-
 def _kib(n: int) -> str:
     return f"{n / 1024:.1f}"
 
@@ -206,7 +200,7 @@ def report(bundle_dir: Path, label: str, teacher: Path | None, threads: int, rep
     return "\n\n".join([
         f"Command: `{' '.join(['python', *sys.argv])}`",
         f"Bundle: {label} (input {shape}, transport of this export: {manifest['transport']['name']}). "
-        f"ONNX Runtime {ort.__version__}, {threads} intra-op thread(s); {_cpu_name()}, {os.cpu_count()} logical CPUs, "
+        f"ONNX Runtime {ort.__version__}, {threads} intra-op thread(s); {cpu_name()}, {os.cpu_count()} logical CPUs, "
         f"{platform.platform()}; load average at the end {os.getloadavg()[0]:.1f}.",
         "Latency: median of repeated `session.run` calls after 5 warm-up runs. Weights, MACs and activation "
         "memory are counted in the ONNX graph at batch 1 (shape inference): *largest tensor* is the biggest "

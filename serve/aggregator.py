@@ -24,7 +24,7 @@ from serve.endpoint import Endpoint
 from serve.mqtt import Broker, Link, topic
 from serve.wire import (KIND_DEVICE, KIND_INPUT, KIND_OUTPUT, Message, WireError, bundle_key, decode, encode,
                         peek_device)
-from students.bundle import fill_vectors, is_chain, read_manifest
+from students.bundle import aggregator_input, fill_vectors, is_chain, read_manifest
 
 ANSWERED_MEMORY = 100_000  # request ids remembered after answering, to recognise late vectors
 
@@ -153,9 +153,7 @@ class Aggregator(Endpoint):
         if self.chain:
             last = pending.vectors[self.expected[0]]
             return last if last is not None else np.zeros((pending.rows, self.num_classes), np.float32)
-        columns = [np.broadcast_to(self.fills[i], (pending.rows, self.fills[i].size)) if v is None else v
-                   for i, v in enumerate(pending.vectors)]
-        return self.session.run(None, {"features": np.ascontiguousarray(np.concatenate(columns, 1))})[0]
+        return self.session.run(None, {"features": aggregator_input(self.fills, pending.vectors, pending.rows)})[0]
 
     def stats(self) -> dict:
         return {**super().stats(), "filled": {str(k): v for k, v in sorted(self.filled.items())},

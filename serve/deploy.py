@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distill.hardware import cpu_name
 from serve.broker import SOURCE, Users, device_name, free_port, start_broker, write_broker_files
 from serve.endpoint import STATS_REQUEST
 from serve.mqtt import Broker, Link, RuntimeSetupError, connect, read_credentials, topic
@@ -241,16 +241,6 @@ def _per_inference(before: dict, after: dict, n: int) -> dict:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run_config(run_dir: Path | None, manifest: dict) -> dict:
     """The run's resolved config when there is one, else the defaults for the bundle's dataset."""
     from distill.config import load_config
@@ -263,13 +253,12 @@ def run_config(run_dir: Path | None, manifest: dict) -> dict:
 
 
 def test_split(data: dict, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """The test images (uint8, as the evaluate stage reads them) and labels."""
-    from distill.datasets import load_raw
+    """The test images (uint8) and labels, read by the data module the evaluate stage uses."""
+    from distill.data import ImageDataModule
 
-    data = dict(data, data_dir=data_dir) if data_dir is not None else data
-    raw = load_raw(data, int(data["split_seed"]))
-    n = data["test_subset"] or len(raw.test_labels)
-    return raw.test_images[:n].numpy(), raw.test_labels[:n].numpy()
+    dm = ImageDataModule(dict(data, data_dir=data_dir) if data_dir is not None else data, seed=0)
+    dm.setup()  # the test split depends on the data config alone, not on the run's seed
+    return dm.test[0].numpy(), dm.test[1].numpy()
 
 
 def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.ndarray, *,

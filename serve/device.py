@@ -14,18 +14,17 @@ import numpy as np
 from serve.endpoint import Endpoint
 from serve.mqtt import Broker, Link, topic
 from serve.wire import KIND_DEVICE, KIND_INPUT, WireError, bundle_key, decode, encode
-from students.bundle import is_chain, read_manifest
+from students.bundle import is_chain, model_images, read_manifest
 
 INPUT_DTYPES = (np.dtype("uint8"), np.dtype("float32"))
 
 
 def images_from(payload: np.ndarray) -> np.ndarray:
-    """float32 images in [0, 1] exactly as ``Bundle.predict`` makes them: uint8 scaled by 1/255."""
-    if payload.dtype == np.uint8:
-        return payload.astype(np.float32) / np.float32(255.0)
-    if not np.isfinite(payload).all() or payload.min() < 0.0 or payload.max() > 1.0:
-        raise WireError("bad_input")
-    return np.ascontiguousarray(payload)
+    """float32 images in [0, 1] exactly as ``Bundle.predict`` makes them (``students.bundle.model_images``)."""
+    try:
+        return model_images(payload, payload.shape[1:])
+    except ValueError as e:
+        raise WireError("bad_input") from e
 
 
 class Device(Endpoint):

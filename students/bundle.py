@@ -116,6 +116,36 @@ def check_missing(missing: Sequence[int], num_devices: int) -> list[int]:
     return sorted(set(missing))
 
 
+def model_images(images: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Float images in [0, 1] as they are, uint8 images (0..255) scaled by 1/255; anything else refused.
+
+    The one conversion every caller shares (``Bundle.predict``, the runtime's devices), so a device
+    over the wire computes exactly what the bundle computes in process.
+    """
+    raw = np.asarray(images)
+    if raw.ndim != 4 or list(raw.shape[1:]) != list(shape):
+        raise ValueError(f"images have shape {list(raw.shape)}, the bundle takes "
+                         f"[N, {', '.join(map(str, shape))}] float32 in [0, 1] (or uint8 in 0..255)")
+    if raw.dtype == np.uint8:
+        return np.ascontiguousarray(raw, dtype=np.float32) / np.float32(255.0)
+    if not np.issubdtype(raw.dtype, np.floating):
+        raise ValueError(f"images are {raw.dtype}; the bundle takes float images in [0, 1] or uint8 in 0..255")
+    images = np.ascontiguousarray(raw, dtype=np.float32)
+    if not np.isfinite(images).all():
+        raise ValueError("images contain NaN or inf; the bundle takes finite float images in [0, 1]")
+    if images.size and (images.min() < 0.0 or images.max() > 1.0):
+        raise ValueError(f"float images must lie in [0, 1], these span [{images.min():.3g}, {images.max():.3g}]; "
+                         "divide 0..255 pixels by 255, or pass them as uint8")
+    return images
+
+
+def aggregator_input(fills: Sequence[np.ndarray], vectors: Sequence[np.ndarray | None], rows: int) -> np.ndarray:
+    """The aggregator's ``features``: the devices' vectors side by side, a missing one (None) replaced by
+    its fill vector, exactly as evaluation and the runtime's aggregator both do."""
+    columns = [np.broadcast_to(fill, (rows, fill.size)) if v is None else v for fill, v in zip(fills, vectors)]
+    return np.ascontiguousarray(np.concatenate(columns, 1))
+
+
 class Bundle:
     """One ONNX Runtime session per device and one for the aggregator; ``predict`` runs them all."""
 
@@ -169,9 +199,8 @@ class Bundle:
         n = next((len(v) for v in vectors if v is not None), batch_size)
         if n is None:
             raise ValueError("every device is missing: pass batch_size to get the fallback logits")
-        columns = [np.broadcast_to(self.fills[i], (n, self.fills[i].size)) if v is None else self._check_vector(i, v)
-                   for i, v in enumerate(vectors)]
-        return self.aggregator_session.run(None, {"features": np.ascontiguousarray(np.concatenate(columns, 1))})[0]
+        checked = [None if v is None else self._check_vector(i, v) for i, v in enumerate(vectors)]
+        return self.aggregator_session.run(None, {"features": aggregator_input(self.fills, checked, n)})[0]
 
     def predict(self, images: np.ndarray, missing: Sequence[int] = ()) -> np.ndarray:
         """Logits as the deployed system computes them; devices in ``missing`` are not run (simulated failure)."""
@@ -196,23 +225,7 @@ class Bundle:
         return self.device_sessions[i].run(None, {"images": images})[0]
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
-        """Float images in [0, 1] as they are, uint8 images (0..255) scaled by 1/255; anything else refused."""
-        raw = np.asarray(images)
-        shape = self.manifest["input"]["shape"]
-        if raw.ndim != 4 or list(raw.shape[1:]) != shape:
-            raise ValueError(f"images have shape {list(raw.shape)}, the bundle takes "
-                             f"[N, {', '.join(map(str, shape))}] float32 in [0, 1] (or uint8 in 0..255)")
-        if raw.dtype == np.uint8:
-            return np.ascontiguousarray(raw, dtype=np.float32) / np.float32(255.0)
-        if not np.issubdtype(raw.dtype, np.floating):
-            raise ValueError(f"images are {raw.dtype}; the bundle takes float images in [0, 1] or uint8 in 0..255")
-        images = np.ascontiguousarray(raw, dtype=np.float32)
-        if not np.isfinite(images).all():
-            raise ValueError("images contain NaN or inf; the bundle takes finite float images in [0, 1]")
-        if images.size and (images.min() < 0.0 or images.max() > 1.0):
-            raise ValueError(f"float images must lie in [0, 1], these span [{images.min():.3g}, {images.max():.3g}]; "
-                             "divide 0..255 pixels by 255, or pass them as uint8")
-        return images
+        return model_images(images, self.manifest["input"]["shape"])
 
     def _check_vector(self, i: int, v: np.ndarray) -> np.ndarray:
         width = self.fills[i].size

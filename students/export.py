@@ -107,9 +107,7 @@ def export_chain(segments: Sequence[nn.Module], out_dir: Path, *, image_shape: t
     """Export a layer-wise split (model parallelism) as a chain bundle: device i takes device i-1's feature
     map (device 0 the images) and the last device returns the logits; fp32 throughout, no aggregator model.
     """
-    if calibration_images.ndim != 4 or tuple(calibration_images.shape[1:]) != tuple(image_shape):
-        raise ValueError(f"calibration images have shape {list(calibration_images.shape)}, "
-                         f"expected [N, {', '.join(map(str, image_shape))}]")
+    _check_calibration(calibration_images, image_shape)
     segments = [copy.deepcopy(m).cpu().eval() for m in segments]
     x = calibration_images.detach().to("cpu", torch.float32)
     with _building(Path(out_dir)) as tmp:
@@ -151,6 +149,10 @@ def _check_inputs(model: UnifiedStudent, image_shape: tuple[int, int, int], clas
         raise ValueError(f"partition sizes {[len(p) for p in partitions]} do not match the student widths {widths}")
     if len(class_names) != model.aggregator.fc.out_features:
         raise ValueError(f"{len(class_names)} class names for a model with {model.aggregator.fc.out_features} classes")
+    _check_calibration(calibration_images, image_shape)
+
+
+def _check_calibration(calibration_images: torch.Tensor, image_shape: tuple[int, int, int]) -> None:
     if calibration_images.ndim != 4 or tuple(calibration_images.shape[1:]) != tuple(image_shape):
         raise ValueError(f"calibration images have shape {list(calibration_images.shape)}, "
                          f"expected [N, {', '.join(map(str, image_shape))}]")
