@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from distill.hardware import cpu_name
-from students.bundle import Bundle, parts
+from students.bundle import Bundle, median_ms, parts
 
 BYTES_PER_NUMBER = {"fp32": 4, "fp16": 2, "int8": 1}
 BATCHES = (1, 64)
@@ -46,21 +44,10 @@ def build_synthetic(root: Path) -> tuple[Path, Path]:
     student = UnifiedStudent.build(["wrn_10_1"], [64, 64], 1, 10, mean, std, out_size=(7, 7)).eval()
     images = torch.rand(64, *shape)
     export_bundle(student, root / "export", image_shape=shape, class_names=[str(i) for i in range(10)],
-                  partitions=[list(range(64)), list(range(64, 128))], calibration_images=images,
+                  calibration_images=images,
                   int8_weights=True)
     export_onnx(teacher, images[:2], root / "teacher.onnx", ("images", "logits"), opset=17)
     return root / "export", root / "teacher.onnx"
-
-
-def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def latencies(session: ort.InferenceSession, sample: Callable[[int], np.ndarray], repeats: int) -> list[float]:

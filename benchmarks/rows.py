@@ -86,11 +86,13 @@ def make_record(spec: dict, table: str, row: str, seed: int, run_dir: Path, seco
               "wall_seconds": round(seconds, 1), "distill": distill, "config": config}
     if not spec["tables"][table].get("validation_only"):
         report = read_json(run_dir / "report.json", "report")
-        n = report["nonn"]
+        n = report["method"]
         record["test_acc"] = n["test_acc_bundle"]
         record["teacher"] = {k: report["teacher"][k] for k in ("arch", "test_acc", "params", "macs")}
-        record["devices"] = [{k: d[k] for k in ("arch", "output_width", "params", "macs", "bytes_sent_per_inference")}
-                             for d in n["devices"]]
+        record["method"] = n["name"]
+        record["bytes_sent"] = n["total_bytes_sent"]  # between devices (a chain's last device returns the answer)
+        record["devices"] = [{k: d[k] for k in ("arch", "output_width", "params", "macs", "bytes_sent_per_inference",
+                                                 "onnx_latency_ms")} for d in n["devices"]]
         record["failures"] = report["failures"]
     else:
         record["distill"].pop("test_acc", None)  # a sweep chooses by validation; the test set stays unseen
@@ -148,8 +150,18 @@ def pct(values: list[float]) -> str:
 
 
 def failure_mean(record: dict, count: int) -> float | None:
+    """Mean accuracy over the subsets of ``count`` failed devices; None when there are none, or when the
+    method gives no answer then (a broken chain)."""
     accs = [f["accuracy"] for f in record["failures"] if len(f["missing"]) == count]
-    return statistics.mean(accs) if accs else None
+    return statistics.mean(accs) if accs and None not in accs else None
+
+
+def down_cell(rs: list[dict], count: int) -> str:
+    """The 'devices down' cell: accuracy over seeds, or why there is none."""
+    if count >= len(rs[0]["devices"]):
+        return "no device left"
+    values = [failure_mean(r, count) for r in rs]
+    return "no answer" if None in values else pct(values)
 
 
 def losses_text(config: dict) -> str:
@@ -196,10 +208,7 @@ def method_table(spec: dict, table: str) -> list[str]:
         r0 = rs[0]
         teacher = teacher or r0["teacher"]
         devices = r0["devices"]
-        downs = []
-        for count in (1, 2):
-            values = [v for r in rs if (v := failure_mean(r, count)) is not None]
-            downs.append(pct(values) if values else "-")
+        downs = [down_cell(rs, count) for count in (1, 2)]
         lines.append(f"| {r0['label']} | {pct([r['test_acc'] for r in rs])} | {len(rs)} | "
                      f"{pct([r['distill']['best_val_acc'] for r in rs])} | {max(d['params'] for d in devices):,} | "
                      f"{max(d['macs'] for d in devices) / 1e6:.2f} M | "
@@ -211,14 +220,29 @@ def method_table(spec: dict, table: str) -> list[str]:
     return lines
 
 
+def comparison_table(spec: dict, table: str) -> list[str]:
+    """Every way to split the model, side by side: accuracy, the largest device's size, compute and ONNX
+    Runtime time, what crosses the network, and what failures cost."""
+    lines = ["| method | devices | test accuracy (%) | seeds | params per device | MACs per device | "
+             "ONNX ms per device (batch 1, 1 thread) | bytes sent per inference | 1 device down (%) | "
+             "2 devices down (%) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row, rs in records(table).items():
+        devices = rs[0]["devices"]
+        latency = statistics.mean(max(d["onnx_latency_ms"] for d in r["devices"]) for r in rs)
+        lines.append(f"| {rs[0]['label']} | {len(devices)} | {pct([r['test_acc'] for r in rs])} | {len(rs)} | "
+                     f"{max(d['params'] for d in devices):,} | {max(d['macs'] for d in devices) / 1e6:.2f} M | "
+                     f"{latency:.3f} | {rs[0]['bytes_sent']:,} B | {down_cell(rs, 1)} | {down_cell(rs, 2)} |")
+    return lines
+
+
 def hardware_line(table: str) -> str:
     seen = sorted({(r["hardware"]["cpu"], r["hardware"]["cpu_cores"], r["hardware"].get("gpu", ""),
-                    r["distill"]["precision"]) for rs in records(table).values() for r in rs})
+                    r["distill"].get("precision", "not trained")) for rs in records(table).values() for r in rs})
     return "Ran on: " + "; ".join(f"{cpu}, {cores} cores{', ' + gpu if gpu else ''}, {prec}"
                                   for cpu, cores, gpu, prec in seen) + "."
 
 
-RENDERERS = {"sweep": sweep_table, "methods": method_table}
+RENDERERS = {"sweep": sweep_table, "methods": method_table, "comparison": comparison_table}
 
 
 def render_tables() -> None:

@@ -16,6 +16,8 @@ DEFAULTS: dict[str, Any] = {
     "name": "nonn",              # run name: W&B group and default run folder name
     "seed": 0,
     "run_dir": None,             # default: runs/<name>
+    "method": "nonn",            # how the model is split across devices: nonn | single | lcp | vp | cp | mp (methods/)
+    "method_options": {},        # <method>: {option: value}; each method's options and defaults are in its file
     "data": {
         "dataset": "fashion_mnist",  # fashion_mnist | cifar10 | cifar100 | synthetic
         "data_dir": None,            # where the files are / go; default: the dataset's standard place
@@ -108,7 +110,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Keys whose value is an open mapping (any sub-keys allowed).
-OPEN_KEYS = {"distill.losses"}
+OPEN_KEYS = {"distill.losses", "method_options"}
 # Keys that take several types (everything else must have the type of its default, when that is not None).
 FREE_TYPES = {"trainer.devices": (int, str, list), "trainer.precision": (str, int)}
 
@@ -298,6 +300,29 @@ def _check_components(config: dict) -> None:
     try:
         build_losses(config["distill"]["losses"] or {})
     except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    _check_method(config)
+
+
+def _check_method(config: dict) -> None:
+    """``method`` names a registered method; ``method_options`` gets the chosen method's defaults filled in,
+    and every method it names must know the options given."""
+    from methods import METHODS
+
+    name = config["method"]
+    if name not in METHODS:
+        raise ConfigError(f"method = {name!r}; choose one of {', '.join(METHODS)}")
+    options = config["method_options"]
+    if not isinstance(options, dict):
+        raise ConfigError(f"method_options must be a mapping of method name to options, got {options!r}")
+    unknown = sorted(set(options) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"method_options.{unknown[0]}: no such method; choose from {', '.join(METHODS)}")
+    try:
+        for method in {*options, name}:
+            options[method] = METHODS[method].resolve_options(options.get(method))
+        METHODS[name].check_config(config)
+    except ValueError as e:
         raise ConfigError(str(e)) from e
 
 

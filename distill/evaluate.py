@@ -55,69 +55,87 @@ def model_parallel_report(bundle_dir: Path, images: torch.Tensor, labels: torch.
 
 
 def evaluate_run(ctx: "Context", tracker: "Tracker") -> dict:
-    from distill.loading import load_student, teacher_map_size
+    from distill.loading import load_trained, teacher_map_size
     from distill.records import mark_done
     from students.bundle import Bundle
 
     dm = ctx.datamodule()
-    student, teacher, partition = load_student(ctx, dm)
+    method, model, plan = load_trained(ctx, dm)
+    teacher = method.teacher
     images, labels = dm.test[0].float().div(255.0), dm.test[1]
     teacher_pred = batched(teacher, images).argmax(1)
-    torch_logits = batched(student, images)
+    torch_logits = batched(model, images)
 
     export_dir = ctx.run_dir / "export"
     manifest = read_json(export_dir / "manifest.json", "export manifest")
     int8_weights = bool(ctx.config["export"]["int8_weights"])
     bundle = Bundle.load(export_dir, use_int8=int8_weights)
-    vectors = bundle_vectors(bundle, images)
-    onnx_logits = torch.from_numpy(np.asarray(bundle.aggregate(vectors), dtype=np.float32))
-    onnx_pred = onnx_logits.argmax(1)
+    num_devices = bundle.num_devices
+    if bundle.chain:
+        bundle_logits = torch.from_numpy(bundle.predict_batches(images.numpy(), batch_size=500))
+    else:
+        vectors = bundle_vectors(bundle, images)
+        bundle_logits = torch.from_numpy(np.asarray(bundle.aggregate(vectors), dtype=np.float32))
+    bundle_pred = bundle_logits.argmax(1)
 
-    num_devices = len(manifest["devices"])
     failures = []
     for missing in failure_subsets(num_devices, ctx.config["evaluate"]["max_failure_subsets"], ctx.config["seed"]):
-        kept = [None if i in missing else v for i, v in enumerate(vectors)]
-        pred = torch.from_numpy(np.asarray(bundle.aggregate(kept))).argmax(1)
-        failures.append({"missing": list(missing), "accuracy": _acc(pred, labels)})
+        if not missing:
+            accuracy = _acc(bundle_pred, labels)
+        elif bundle.chain:
+            accuracy = None  # a chain with a device missing gives no answer
+        else:
+            kept = [None if i in missing else v for i, v in enumerate(vectors)]
+            accuracy = _acc(torch.from_numpy(np.asarray(bundle.aggregate(kept))).argmax(1), labels)
+        failures.append({"missing": list(missing), "accuracy": accuracy})
 
     shape = dm.image_shape
     teacher_info = {"arch": ctx.config["teacher"]["arch"], "params": count_params(teacher),
                     "weight_bytes": weight_bytes(teacher), "macs": count_macs(teacher, shape),
                     "feature_map_bytes": teacher.feature_channels * int(np.prod(teacher_map_size(teacher, shape))) * 4}
-    devices = [{k: d[k] for k in ("name", "output_width", "params", "weight_bytes", "macs",
+    devices = [{k: d[k] for k in ("name", "arch", "output_width", "params", "weight_bytes", "macs",
                                   "bytes_sent_per_inference")}
-               | {"arch": arch, "model_file": f, "model_file_bytes": (export_dir / f).stat().st_size}
-               for d, arch, f in zip(manifest["devices"], _device_archs(ctx, num_devices), bundle.model_files)]
-    aggregator = {k: manifest["aggregator"][k] for k in ("params", "weight_bytes", "macs")}
+               | {"model_file": f, "model_file_bytes": (export_dir / f).stat().st_size}
+               for d, f in zip(manifest["devices"], bundle.model_files)]
+    # batch-1 time of each device's model, one thread: what a small device's single core would see (this CPU)
+    latency = Bundle.load(export_dir, threads=1, use_int8=int8_weights).device_latency_ms(images[0].numpy())
+    for d, ms in zip(devices, latency):
+        d["onnx_latency_ms"] = round(ms, 4)
+    sent = [d["bytes_sent_per_inference"] for d in devices]
+    aggregator = {k: manifest["aggregator"][k] for k in ("kind", "params", "weight_bytes", "macs")
+                  if k in manifest["aggregator"]}
     report = {
         "run": ctx.config["name"], "dataset": ctx.config["data"]["dataset"], "test_images": len(labels),
         "teacher": teacher_info | {"test_acc": _acc(teacher_pred, labels)},
-        "nonn": {
-            "num_students": num_devices, "partition_mode": ctx.config["partition"]["mode"],
-            "partition_sizes": partition["sizes"], "transport": manifest["transport"]["name"],
+        "method": {
+            "name": method.name, "label": method.label, "sends": method.sends, "num_devices": num_devices,
+            "topology": "chain" if bundle.chain else "gather", "transport": manifest["transport"]["name"],
             "weights": "int8" if int8_weights else "fp32",
-            "test_acc_bundle": _acc(onnx_pred, labels), "test_acc_pytorch": _acc(torch_logits.argmax(1), labels),
-            "bundle_agreement": float((onnx_pred == torch_logits.argmax(1)).float().mean()),
-            "bundle_max_logit_diff": float((onnx_logits - torch_logits).abs().max()),
+            "test_acc_bundle": _acc(bundle_pred, labels), "test_acc_pytorch": _acc(torch_logits.argmax(1), labels),
+            "bundle_agreement": float((bundle_pred == torch_logits.argmax(1)).float().mean()),
+            "bundle_max_logit_diff": float((bundle_logits - torch_logits).abs().max()),
             "devices": devices, "aggregator": aggregator,
             "max_device_params": max(d["params"] for d in devices),
             "max_device_macs": max(d["macs"] for d in devices),
-            "total_bytes_sent": sum(d["bytes_sent_per_inference"] for d in devices),
+            # a chain's last device returns the answer: only what crosses between devices counts
+            "total_bytes_sent": sum(sent[:-1]) if bundle.chain else sum(sent),
+            **method.describe(plan),
         },
-        "model_parallel": model_parallel_report(ctx.run_dir / "export_mp", images, labels),
         "failures": failures,
     }
-    n = report["nonn"]
+    if method.name != "mp":
+        report["model_parallel"] = model_parallel_report(ctx.run_dir / "export_mp", images, labels)
+    n = report["method"]
     n["compression_vs_teacher"] = teacher_info["params"] / n["max_device_params"]
     n["macs_reduction_vs_teacher"] = teacher_info["macs"] / n["max_device_macs"]
 
     write_json_atomic(ctx.run_dir / "report.json", report)
     write_text_atomic(ctx.run_dir / "report.md", render_markdown(report))
-    plot_failures(failures, num_devices, ctx.run_dir / "failures.png")
-    tracker.summary({"teacher/test_acc": report["teacher"]["test_acc"], "nonn/test_acc": n["test_acc_bundle"]})
+    plot_failures(failures, num_devices, ctx.run_dir / "failures.png", method.label)
+    tracker.summary({"teacher/test_acc": report["teacher"]["test_acc"], "method/test_acc": n["test_acc_bundle"]})
     tracker.log_image("evaluate/failures", ctx.run_dir / "failures.png")
     outputs = [ctx.run_dir / "report.json", ctx.run_dir / "report.md"]
-    results = {"teacher_test_acc": report["teacher"]["test_acc"], "nonn_test_acc": n["test_acc_bundle"]}
+    results = {"teacher_test_acc": report["teacher"]["test_acc"], "test_acc": n["test_acc_bundle"]}
     mark_done(ctx, "evaluate", outputs, results)
     return results
 
@@ -126,13 +144,9 @@ def _acc(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred == labels).float().mean())
 
 
-def _device_archs(ctx: "Context", k: int) -> list[str]:
-    archs = ctx.config["distill"]["students"]
-    return archs * k if len(archs) == 1 else archs
-
-
-def plot_failures(failures: list[dict], num_devices: int, path: Path) -> None:
-    """Accuracy against the number of failed devices: mean over subsets, with min-max range."""
+def plot_failures(failures: list[dict], num_devices: int, path: Path, label: str) -> None:
+    """Accuracy against the number of failed devices: mean over subsets, with min-max range
+    (no answer counts as 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +154,7 @@ def plot_failures(failures: list[dict], num_devices: int, path: Path) -> None:
 
     by_count: dict[int, list[float]] = {}
     for f in failures:
-        by_count.setdefault(len(f["missing"]), []).append(f["accuracy"])
+        by_count.setdefault(len(f["missing"]), []).append(f["accuracy"] or 0.0)
     counts = sorted(by_count)
     means = [float(np.mean(by_count[c])) for c in counts]
     lows = [m - min(by_count[c]) for c, m in zip(counts, means)]
@@ -152,7 +166,7 @@ def plot_failures(failures: list[dict], num_devices: int, path: Path) -> None:
     ax.set_xticks(counts)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.set_title("NoNN accuracy under device failures")
+    ax.set_title(f"{label}: accuracy under device failures")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

@@ -1,16 +1,15 @@
-"""The run's trained models, rebuilt from its folder: the teacher, the partition, the students."""
+"""The run's trained models, rebuilt from its folder: the teacher, the method and its trained devices."""
 from __future__ import annotations
 
 import torch
 
-from distill.checkpoints import checkpoint_entry, load_weights
+from distill.checkpoints import CheckpointError, checkpoint_entry, load_weights
 from distill.context import Context
 from distill.data import ImageDataModule
 from distill.io import sha256_file
-from distill.modules import PARTITIONS_KEY
+from distill.modules import PLAN_KEY
 from students.networks import FeatureClassifier
 from students.registry import build_model
-from students.unified import UnifiedStudent
 
 
 def build_teacher(ctx: Context, dm: ImageDataModule) -> FeatureClassifier:
@@ -31,28 +30,30 @@ def teacher_map_size(teacher: FeatureClassifier, image_shape: tuple[int, int, in
         return tuple(teacher.eval().forward_features(torch.zeros(1, *image_shape)).shape[-2:])
 
 
-def build_student(ctx: Context, dm: ImageDataModule, teacher: FeatureClassifier, partitions: list[list[int]]):
-    return UnifiedStudent.build(ctx.config["distill"]["students"], [len(p) for p in partitions],
-                                dm.image_shape[0], dm.num_classes, dm.mean, dm.std,
-                                teacher_map_size(teacher, dm.image_shape))
+def method_for(ctx: Context, dm: ImageDataModule):
+    """The run's method (``method:`` in the config) over its data and trained teacher."""
+    from methods import METHODS
+    from methods.base import Setting
 
-
-def load_partition(ctx: Context, teacher: FeatureClassifier, teacher_sha: str) -> dict:
-    from partitioning.artifacts import read_partition
-
-    return read_partition(ctx.run_dir / "partition" / "partition.json", teacher_sha256=teacher_sha,
-                          num_filters=teacher.feature_channels)
-
-
-def load_student(ctx: Context, dm: ImageDataModule) -> tuple[UnifiedStudent, FeatureClassifier, dict]:
-    """The trained students with the filter lists they were trained on (from their checkpoint)."""
     teacher, sha = load_teacher(ctx, dm)
-    partition = load_partition(ctx, teacher, sha)
+    return METHODS[ctx.config["method"]](Setting(ctx.config, dm, teacher, sha, ctx.run_dir))
+
+
+def load_trained(ctx: Context, dm: ImageDataModule):
+    """The method, its trained device model (eval mode) and the plan it was trained on (from its checkpoint,
+    so that export never pairs the weights with another plan)."""
+    method = method_for(ctx, dm)
+    if not method.trains:
+        plan = method.plan()
+        return method, method.build(plan).eval(), plan
     best = ctx.run_dir / "students" / "best.ckpt"
-    trained_on = checkpoint_entry(best, PARTITIONS_KEY, "student")
-    if trained_on is not None and trained_on != partition["partitions"]:
-        raise RuntimeError(f"{ctx.run_dir / 'partition' / 'partition.json'} no longer lists the filters the students "
-                           f"in {best} were trained on; rerun `nonn distill` (or `nonn run`)")
-    student = build_student(ctx, dm, teacher, partition["partitions"])
-    load_weights(student, best, "student.", "student")
-    return student.eval(), teacher, partition
+    if not best.is_file():
+        raise CheckpointError(f"{best}: student checkpoint not found; run `nonn distill` (or `nonn run`) first")
+    plan = checkpoint_entry(best, PLAN_KEY, "student")
+    if plan is None:
+        raise CheckpointError(f"{best}: no method plan in it (written by an older version?); "
+                              "rerun `nonn distill --force`")
+    method.check_plan(plan)
+    model = method.build(plan)
+    load_weights(model, best, "model.", "student")
+    return method, model.eval(), plan

@@ -15,15 +15,18 @@ from torch import nn
 @dataclass
 class DistillBatch:
     student_logits: torch.Tensor        # [N, classes]
-    teacher_logits: torch.Tensor        # [N, classes]
+    teacher_logits: torch.Tensor | None  # [N, classes]; None when no loss reads the teacher
     student_maps: Sequence[torch.Tensor]  # K maps [N, |P_i|, h, w]
-    teacher_map: torch.Tensor           # [N, F, h, w]
+    teacher_map: torch.Tensor | None    # [N, F, h, w]
     partitions: Sequence[torch.Tensor]  # K index tensors into the teacher's F filters
     labels: torch.Tensor                # [N]
 
 
 class CrossEntropy(nn.Module):
     """Plain supervised loss (the scratch baseline)."""
+
+    reads_teacher = False
+    reads_maps = False
 
     def forward(self, b: DistillBatch) -> torch.Tensor:
         return F.cross_entropy(b.student_logits, b.labels)
@@ -35,6 +38,9 @@ class KnowledgeDistillation(nn.Module):
     KL uses ``batchmean`` (the true KL per example), not the NoNN prototype's element-wise mean,
     which silently divides the soft term by the number of classes.
     """
+
+    reads_teacher = True
+    reads_maps = False
 
     def __init__(self, alpha: float = 0.9, temperature: float = 4.0) -> None:
         super().__init__()
@@ -72,6 +78,8 @@ class _Transfer(nn.Module):
     teacher's partition filters (in partition order), either per student and summed, or once over
     the K maps concatenated along channels; beta * distance."""
 
+    reads_teacher = True
+    reads_maps = True
     per_student: bool
     signal: Callable[[torch.Tensor], torch.Tensor]
     distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

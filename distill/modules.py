@@ -1,4 +1,4 @@
-"""Lightning modules: the teacher classifier and the jointly trained NoNN students."""
+"""Lightning modules: the teacher classifier, what every method's training shares, and NoNN's students."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -13,7 +13,7 @@ from students.networks import FeatureClassifier
 from students.unified import UnifiedStudent
 
 
-PARTITIONS_KEY = "nonn_partitions"
+PLAN_KEY = "method_plan"  # the checkpoint entry that holds what the weights were trained on
 SCHEDULES = ("cosine", "step")  # learning-rate schedules configure_optimizers builds
 
 
@@ -75,49 +75,81 @@ class TeacherModule(_SupervisedModule):
         self.log("test/acc", self.test_acc)
 
 
-class NoNNModule(_SupervisedModule):
-    """K students + shared classifier trained jointly against a frozen teacher."""
+class DistillModule(_SupervisedModule):
+    """What every method's training shares: an optional frozen teacher, the method's plan saved in every
+    checkpoint (so export never pairs the weights with another plan), accuracy of ``self(x)``."""
 
-    def __init__(self, teacher: FeatureClassifier, student: UnifiedStudent, partitions: Sequence[Sequence[int]],
-                 losses: dict, optim_cfg: dict, num_classes: int, student_dropout: float = 0.0,
-                 channels_last: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, plan: dict, optim_cfg: dict, num_classes: int,
+                 teacher: FeatureClassifier | None = None, channels_last: bool = True) -> None:
         super().__init__(optim_cfg, num_classes, channels_last)
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.student = student
-        self.losses = build_losses(losses)
-        self.student_dropout = float(student_dropout)
-        for i, p in enumerate(partitions):
-            self.register_buffer(f"partition_{i}", torch.tensor(list(p), dtype=torch.long), persistent=False)
-        self.num_students = len(partitions)
-        self.solo_acc = torch.nn.ModuleList(MulticlassAccuracy(num_classes, average="micro")
-                                            for _ in range(self.num_students))
-
-    @property
-    def partitions(self) -> list[torch.Tensor]:
-        return [getattr(self, f"partition_{i}") for i in range(self.num_students)]
+        self.model = model
+        self.plan = plan
+        self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # the filter lists travel with the weights, so export never pairs them with another partition file
-        checkpoint[PARTITIONS_KEY] = [p.tolist() for p in self.partitions]
+        checkpoint[PLAN_KEY] = self.plan
 
-    def train(self, mode: bool = True) -> "NoNNModule":
+    def train(self, mode: bool = True) -> "DistillModule":
         super().train(mode)
-        self.teacher.eval()  # the teacher's BN statistics never move
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher's BN statistics never move
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.student(self._input(x))
+        return self.model(self._input(x))
 
-    def _teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's final feature map and logits, outside autograd."""
         with torch.inference_mode():
             fmap = self.teacher.forward_features(x)
             logits = self.teacher.fc(fmap.mean(dim=(2, 3)))
         return fmap.clone(), logits.clone()  # clones are ordinary tensors that autograd may save
 
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        self.val_acc(self(x), y)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self(x), y)
+        self.log("test/acc", self.test_acc)
+
+
+class NoNNModule(DistillModule):
+    """K students + shared classifier trained jointly, against a frozen teacher when a loss reads it
+    (NoNN, the single-student baselines and LCP's branches all train here)."""
+
+    def __init__(self, teacher: FeatureClassifier | None, student: UnifiedStudent, partitions: Sequence[Sequence[int]],
+                 losses: dict, optim_cfg: dict, num_classes: int, student_dropout: float = 0.0,
+                 channels_last: bool = True, plan: dict | None = None) -> None:
+        built = build_losses(losses)
+        needs_teacher = any(loss.reads_teacher for loss in built.values())
+        if needs_teacher and teacher is None:
+            raise ValueError(f"distill.losses {', '.join(losses)} read the teacher, but none was given")
+        super().__init__(student, plan if plan is not None else {"partitions": [list(p) for p in partitions]},
+                         optim_cfg, num_classes, teacher if needs_teacher else None, channels_last)
+        self.losses = built
+        self.student_dropout = float(student_dropout)
+        for i, p in enumerate(partitions):
+            self.register_buffer(f"partition_{i}", torch.tensor(list(p), dtype=torch.long), persistent=False)
+        self.num_partitions = len(partitions)  # 0 when no loss reads the teacher's filters (LCP)
+        self.num_students = len(student.devices)
+        self.solo_acc = torch.nn.ModuleList(MulticlassAccuracy(num_classes, average="micro")
+                                            for _ in range(self.num_students))
+
+    @property
+    def student(self) -> UnifiedStudent:
+        return self.model
+
+    @property
+    def partitions(self) -> list[torch.Tensor]:
+        return [getattr(self, f"partition_{i}") for i in range(self.num_partitions)]
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         x = self._input(x)
-        teacher_map, teacher_logits = self._teacher_outputs(x)
+        teacher_map, teacher_logits = self.teacher_outputs(x) if self.teacher is not None else (None, None)
         maps = self.student.forward_maps(x)
         drop = None
         if self.student_dropout > 0:
@@ -140,8 +172,3 @@ class NoNNModule(_SupervisedModule):
         for i, metric in enumerate(self.solo_acc):
             metric(agg(agg.fill_missing(z, [j for j in everyone if j != i])), y)
             self.log(f"val/acc_only_student_{i}", metric)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        x, y = batch
-        self.test_acc(self(x), y)
-        self.log("test/acc", self.test_acc)

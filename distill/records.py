@@ -18,10 +18,10 @@ UPSTREAM = {"teacher": None, "partition": "teacher", "distill": "partition", "ex
             "evaluate": "export"}
 CONFIG_PARTS = {  # what each stage reads from the config (besides its upstream stage's outputs)
     "teacher": ("seed", "data", "teacher"),
-    "partition": ("seed", "data", "partition"),
-    "distill": ("seed", "data", "distill"),
-    "export": ("seed", "data", "export"),
-    "evaluate": ("seed", "data", "evaluate"),
+    "partition": ("seed", "data", "method", "partition"),
+    "distill": ("seed", "data", "method", "method_options", "distill"),
+    "export": ("seed", "data", "method", "method_options", "export"),
+    "evaluate": ("seed", "data", "method", "method_options", "evaluate"),
 }
 
 

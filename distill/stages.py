@@ -17,8 +17,8 @@ import torch
 from distill.context import Context
 from distill.fitting import train_and_test
 from distill.io import sha256_file
-from distill.loading import build_student, build_teacher, load_partition, load_student, load_teacher
-from distill.modules import NoNNModule, TeacherModule
+from distill.loading import build_teacher, load_teacher, load_trained, method_for
+from distill.modules import TeacherModule
 from distill.ranks import is_worker, sync_processes
 from distill.records import check_upstream, is_done, mark_done, read_record, save_resolved_config
 from distill.tracking import Tracker
@@ -81,9 +81,15 @@ def stage_teacher(ctx: Context, tracker: Tracker) -> dict:
 
 
 def stage_partition(ctx: Context, tracker: Tracker) -> dict:
+    from methods import METHODS
     from partitioning import collect_activations, compute_partition
     from partitioning.artifacts import write_partition
 
+    if not METHODS[ctx.config["method"]].uses_partition:
+        results = {"skipped": f"method {ctx.config['method']} uses no filter partition"}
+        print(f"[nonn] partition: {results['skipped']}")
+        mark_done(ctx, "partition", [], results)
+        return results
     dm = ctx.datamodule()
     teacher, sha = load_teacher(ctx, dm)
     pcfg = ctx.config["partition"]
@@ -104,44 +110,43 @@ def stage_partition(ctx: Context, tracker: Tracker) -> dict:
 
 
 def stage_distill(ctx: Context, tracker: Tracker) -> dict:
+    """Train the method's devices jointly (a method built from the teacher as it is trains nothing)."""
     dm = ctx.datamodule()
-    teacher, sha = load_teacher(ctx, dm)
-    partitions = load_partition(ctx, teacher, sha)["partitions"]
-    dcfg = ctx.config["distill"]
-    student = build_student(ctx, dm, teacher, partitions)
-    module = NoNNModule(teacher, student, partitions, dcfg["losses"], dcfg, dm.num_classes,
-                        dcfg["student_dropout"], ctx.config["trainer"]["channels_last"])
-    best, results = train_and_test(ctx, tracker, "distill", module, dm, dcfg["epochs"],
-                                    f"K={len(partitions)} students")
+    method = method_for(ctx, dm)
+    if not method.trains:
+        results = {"trained": False}
+        print(f"[nonn] distill: method {method.name} is built from the teacher, nothing to train")
+        mark_done(ctx, "distill", [], results)
+        return results
+    plan = method.plan()
+    model = method.build(plan)
+    best, results = train_and_test(ctx, tracker, "distill", method.module(model, plan), dm,
+                                    ctx.config["distill"]["epochs"], f"{method.label} ({len(model.devices)} devices)")
     mark_done(ctx, "distill", [best], results)
     return results
 
 
 def stage_export(ctx: Context, tracker: Tracker) -> dict:
-    """The NoNN bundle (``export/``) and, as its baseline, the teacher cut layer-wise over as many
-    devices at MAC-balanced points (model parallelism, ``export_mp/``)."""
-    from students.export import export_bundle, export_chain
-    from students.model_parallel import split_modules
+    """The method's bundle (``export/``) and, for every method but model parallelism itself, the teacher
+    cut layer-wise over as many devices at MAC-balanced points as its baseline (``export_mp/``)."""
+    from methods.mp import export_teacher_chain
 
     dm = ctx.datamodule()
-    student, teacher, partition = load_student(ctx, dm)
+    method, model, plan = load_trained(ctx, dm)
     calibration = torch.cat([x for x, _ in itertools.islice(dm.val_dataloader(), 4)])
-    ecfg = ctx.config["export"]
     about = {"run_name": ctx.config["name"], "dataset": ctx.config["data"]["dataset"],
-             "teacher_sha256": partition["teacher_sha256"]}
-    manifest = export_bundle(student, ctx.run_dir / "export", image_shape=dm.image_shape,
-                             class_names=dm.class_names, partitions=partition["partitions"],
-                             calibration_images=calibration, transport=ecfg["transport"],
-                             int8_weights=ecfg["int8_weights"], opset=ecfg["opset"], extra=about)
+             "teacher_sha256": method.setting.teacher_sha256}
+    manifest = method.export(model, plan, ctx.run_dir / "export", calibration, about)
     num_devices = len(manifest["devices"])
-    export_chain(split_modules(teacher, num_devices, dm.image_shape), ctx.run_dir / "export_mp",
-                 image_shape=dm.image_shape, class_names=dm.class_names, calibration_images=calibration,
-                 opset=ecfg["opset"], extra={**about, "method": "mp", "teacher_arch": ctx.config["teacher"]["arch"]})
+    bundles = ["export"]
+    if method.name != "mp":
+        export_teacher_chain(method, num_devices, ctx.run_dir / "export_mp", calibration, about)
+        bundles.append("export_mp")
     tracker.log_artifact(ctx.run_dir / "export", f"{ctx.config['name']}-bundle", "model")
-    print(f"[nonn] export: {num_devices} devices + aggregator in {ctx.run_dir / 'export'}, "
-          f"the model-parallel baseline in {ctx.run_dir / 'export_mp'}")
-    # every file of both bundles, so that any edit is seen
-    files = sorted(p for d in ("export", "export_mp") for p in (ctx.run_dir / d).rglob("*") if p.is_file())
+    print(f"[nonn] export: {method.label}, {num_devices} devices in {ctx.run_dir / 'export'}"
+          + (f", the model-parallel baseline in {ctx.run_dir / 'export_mp'}" if len(bundles) > 1 else ""))
+    # every file of every bundle written, so that any edit is seen
+    files = sorted(p for d in bundles for p in (ctx.run_dir / d).rglob("*") if p.is_file())
     mark_done(ctx, "export", files, {"devices": num_devices})
     return {"devices": num_devices}
 

@@ -316,7 +316,7 @@ def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.n
         if broker_process is not None:
             broker_process.terminate()
             broker_process.wait(timeout=10)
-    report = {**setting, **sections[bundle_dir]}
+    report = {**setting, "method": manifests[bundle_dir].get("method", "nonn"), **sections[bundle_dir]}
     report["accuracy"]["bundle_report"] = (bundle_report or {}).get("test_acc_bundle")
     if report["drill"] and bundle_report:  # the evaluate stage's figure for the same device missing, all images
         report["drill"]["failure_table_accuracy"] = next(
@@ -324,7 +324,7 @@ def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.n
     if mp_bundle is not None:
         mp = sections[mp_bundle]
         report["model_parallel"] = mp
-        report["nonn_vs_mp"] = {
+        report["vs_mp"] = {
             "latency_p50_ratio": mp["latency_ms_batch1"]["p50"] / report["latency_ms_batch1"]["p50"],
             "bytes_on_the_wire_ratio": _wire_total(mp) / _wire_total(report)}
     write_reports(out_dir, report)
@@ -495,9 +495,10 @@ def render_markdown(r: dict) -> str:
     mp = r.get("model_parallel")
     if mp:
         ml, mb = mp["latency_ms_batch1"], mp["bytes_per_inference"]
-        lines += ["", f"NoNN against model parallelism (the teacher split layer-wise at MAC-balanced cuts over "
+        name = r["method"]
+        lines += ["", f"{name} against model parallelism (the teacher split layer-wise at MAC-balanced cuts over "
                   f"{mp['devices']} devices, each sending its feature map), same broker and links:", "",
-                  "| | NoNN | MP |", "|---|---|---|",
+                  f"| | {name} | MP |", "|---|---|---|",
                   f"| accuracy over the wire | {acc['over_the_wire']:.4f} | {mp['accuracy']['over_the_wire']:.4f} |",
                   f"| latency p50 / p99 (ms) | {_fmt(lat.get('p50'))} / {_fmt(lat.get('p99'))} | "
                   f"{_fmt(ml.get('p50'))} / {_fmt(ml.get('p99'))} |",
@@ -508,8 +509,8 @@ def render_markdown(r: dict) -> str:
                   f"| all bytes on the wire per inference (input, devices, answer) | {_wire_total(r):.0f} | "
                   f"{_wire_total(mp):.0f} |",
                   f"| lost requests | {r['lost']['total']} | {mp['lost']['total']} |", "",
-                  f"MP's p50 latency is {r['nonn_vs_mp']['latency_p50_ratio']:.1f}x NoNN's; it puts "
-                  f"{r['nonn_vs_mp']['bytes_on_the_wire_ratio']:.1f}x the bytes on the wire."]
+                  f"MP's p50 latency is {r['vs_mp']['latency_p50_ratio']:.1f}x {name}'s; it puts "
+                  f"{r['vs_mp']['bytes_on_the_wire_ratio']:.1f}x the bytes on the wire."]
     d = r["drill"]
     if d:
         dl = d["latency_ms"]
@@ -548,7 +549,7 @@ def deploy_from_args(args: argparse.Namespace) -> str:
     bundle_report = None
     if (home / "report.json").exists():
         saved = json.loads((home / "report.json").read_text())
-        bundle_report = {**saved.get("nonn", {}), "failures": saved.get("failures", [])}
+        bundle_report = {**saved.get("method", {}), "failures": saved.get("failures", [])}
     out_dir = args.out or home
     run_deploy(bundle_dir, out_dir, images, labels, mp_bundle=mp_bundle, broker_url=args.broker, ca_file=args.ca_file,
                credentials_dir=args.credentials_dir, deadline_ms=options["deadline_ms"], window=options["window"],

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-SCHEMA_VERSION = 2  # 2: the manifest carries manifest_sha256 over its own content
+SCHEMA_VERSION = 3  # 2: manifest_sha256 over its own content; 3: aggregator kind and fill (any method)
 FORMAT = "nonn-bundle"
 TRANSPORTS = {"fp32": "float32", "fp16": "float16", "int8": "uint8"}  # transport name -> dtype on the wire
 
@@ -24,7 +26,7 @@ class BundleError(ValueError):
 
 def manifest_digest(manifest: dict) -> str:
     """sha256 of the manifest's content (canonical JSON, without the digest itself): no field, such as
-    feature_mean or class_names, can be edited unnoticed."""
+    the fill vector or class_names, can be edited unnoticed."""
     content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -87,12 +89,13 @@ def _sha256(path: Path) -> str:
 
 
 def fill_vectors(manifest: dict) -> list[np.ndarray]:
-    """Per device, what stands in for a failed device: its slice of the training mean, encoded for transport.
+    """Per device, what stands in for a failed device: its slice of the aggregator's fill vector (NoNN:
+    the training mean), encoded for transport.
 
     Encoded exactly as the device graph encodes: a cast, or round(v / scale) clipped to [0, 255].
     """
     transport = manifest["transport"]
-    mean = np.asarray(manifest["aggregator"]["feature_mean"], dtype=np.float32)
+    mean = np.asarray(manifest["aggregator"]["fill"], dtype=np.float32)
     bounds = np.cumsum([0] + [d["output_width"] for d in manifest["devices"]])
     fills = []
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -144,6 +147,18 @@ def aggregator_input(fills: Sequence[np.ndarray], vectors: Sequence[np.ndarray |
     its fill vector, exactly as evaluation and the runtime's aggregator both do."""
     columns = [np.broadcast_to(fill, (rows, fill.size)) if v is None else v for fill, v in zip(fills, vectors)]
     return np.ascontiguousarray(np.concatenate(columns, 1))
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 5) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 class Bundle:
@@ -220,6 +235,18 @@ class Bundle:
         """``predict`` over a large array in chunks, to bound memory."""
         chunks = [self.predict(images[i:i + batch_size], missing) for i in range(0, len(images), batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.manifest["num_classes"]), np.float32)
+
+    def device_latency_ms(self, image: np.ndarray, repeats: int = 30) -> list[float]:
+        """Median time of each device's model on one image (batch 1), in ms on this machine; in a chain each
+        device gets its predecessor's output."""
+        x = self._check_images(image[None])
+        times = []
+        for session in self.device_sessions:
+            feed = {session.get_inputs()[0].name: x}
+            times.append(median_ms(lambda: session.run(None, feed), repeats))
+            if self.chain:
+                x = session.run(None, feed)[0]
+        return times
 
     def _run_device(self, i: int, images: np.ndarray) -> np.ndarray:
         return self.device_sessions[i].run(None, {"images": images})[0]

@@ -25,7 +25,7 @@ from torch import nn
 from distill.io import restore_interrupted_swap, sha256_file, swap_in, write_json_atomic
 from students.bundle import FORMAT, SCHEMA_VERSION, TRANSPORTS, manifest_digest
 from students.complexity import count_macs, count_params, weight_bytes
-from students.unified import Aggregator, DeviceStudent, UnifiedStudent
+from students.split import Combiner, GatherModel
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
 _VERIFY_TOLERANCE = {"float32": (1e-3, 1e-4), "float16": (2e-3, 2e-3), "uint8": (0.0, 1.0)}  # (rtol, atol)
@@ -34,7 +34,7 @@ _VERIFY_TOLERANCE = {"float32": (1e-3, 1e-4), "float16": (2e-3, 2e-3), "uint8": 
 class DeviceExport(nn.Module):
     """A device followed by its transport encoding; uint8 is round(v / scale) clipped to [0, 255]."""
 
-    def __init__(self, device: DeviceStudent, dtype: str, scale: float | None) -> None:
+    def __init__(self, device: nn.Module, dtype: str, scale: float | None) -> None:
         super().__init__()
         self.device = device
         self.dtype = dtype
@@ -48,11 +48,11 @@ class DeviceExport(nn.Module):
 
 
 class AggregatorExport(nn.Module):
-    """Decodes the concatenated transported vectors to float32, then applies the aggregator's linear layer."""
+    """Decodes the concatenated transported vectors to float32, then applies the aggregator's combining rule."""
 
-    def __init__(self, aggregator: Aggregator, dtype: str, scales: Sequence[float] | None) -> None:
+    def __init__(self, aggregator: Combiner, dtype: str, scales: Sequence[float] | None) -> None:
         super().__init__()
-        self.fc = aggregator.fc
+        self.aggregator = aggregator
         self.dtype = dtype
         per_feature = torch.ones(sum(aggregator.widths)) if scales is None else torch.repeat_interleave(
             torch.tensor(scales, dtype=torch.float32), torch.tensor(aggregator.widths))
@@ -60,19 +60,21 @@ class AggregatorExport(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         z = features.to(torch.float32)
-        return self.fc(z * self.scale if self.dtype == "uint8" else z)
+        return self.aggregator.combine(z * self.scale if self.dtype == "uint8" else z)
 
 
-def export_bundle(model: UnifiedStudent, out_dir: Path, *, image_shape: tuple[int, int, int],
-                  class_names: list[str], partitions: list[list[int]], calibration_images: torch.Tensor,
-                  transport: str = "fp32", int8_weights: bool = False, opset: int = 17,
+def export_bundle(model: GatherModel, out_dir: Path, *, image_shape: tuple[int, int, int],
+                  class_names: list[str], calibration_images: torch.Tensor, transport: str = "fp32",
+                  int8_weights: bool = False, opset: int = 17, device_entries: Sequence[dict] | None = None,
                   extra: dict | None = None) -> dict:
     """Export ``model`` as a bundle in ``out_dir`` (replacing any earlier one only on success); returns the manifest.
 
     ``calibration_images`` (float32 in [0, 1], [N, *image_shape]) set the int8 scales and check that
-    every exported graph reproduces the PyTorch model. ``extra`` adds top-level manifest entries.
+    every exported graph reproduces the PyTorch model. ``device_entries`` adds the method's own
+    entries to each device's (NoNN: the teacher filters it learned); ``extra`` top-level entries.
     """
-    _check_inputs(model, image_shape, class_names, partitions, calibration_images, transport)
+    device_entries = list(device_entries or [{} for _ in model.devices])
+    _check_inputs(model, image_shape, class_names, device_entries, calibration_images, transport)
     dtype = TRANSPORTS[transport]
     model = copy.deepcopy(model).cpu().eval()  # the caller's model keeps its device and training mode
     images = calibration_images.detach().to("cpu", torch.float32)
@@ -80,8 +82,8 @@ def export_bundle(model: UnifiedStudent, out_dir: Path, *, image_shape: tuple[in
         scales = _int8_scales(model, images) if dtype == "uint8" else None
         encoders = [DeviceExport(d, dtype, None if scales is None else scales[i]).eval()
                     for i, d in enumerate(model.devices)]
-        devices = [_export_device(e, f"device_{i}", tmp, partitions[i], image_shape, images, opset, int8_weights)
-                   for i, e in enumerate(encoders)]
+        devices = [_export_device(e, f"device_{i}", tmp, device_entries[i], image_shape, images, opset,
+                                  int8_weights) for i, e in enumerate(encoders)]
         with torch.no_grad():
             features = torch.cat([e(images) for e in encoders], dim=1)
         aggregator = _export_aggregator(model.aggregator, tmp, dtype, scales, features, opset, int8_weights)
@@ -103,11 +105,12 @@ def export_bundle(model: UnifiedStudent, out_dir: Path, *, image_shape: tuple[in
 
 def export_chain(segments: Sequence[nn.Module], out_dir: Path, *, image_shape: tuple[int, int, int],
                  class_names: list[str], calibration_images: torch.Tensor, opset: int = 17,
-                 extra: dict | None = None) -> dict:
+                 device_entries: Sequence[dict] | None = None, extra: dict | None = None) -> dict:
     """Export a layer-wise split (model parallelism) as a chain bundle: device i takes device i-1's feature
     map (device 0 the images) and the last device returns the logits; fp32 throughout, no aggregator model.
     """
     _check_calibration(calibration_images, image_shape)
+    device_entries = list(device_entries or [{} for _ in segments])
     segments = [copy.deepcopy(m).cpu().eval() for m in segments]
     x = calibration_images.detach().to("cpu", torch.float32)
     with _building(Path(out_dir)) as tmp:
@@ -119,7 +122,8 @@ def export_chain(segments: Sequence[nn.Module], out_dir: Path, *, image_shape: t
             with torch.no_grad():
                 y = segment(x)
             out_shape = list(y.shape[1:])
-            devices.append({"name": f"device_{i}", **files, "layers": getattr(segment, "layer_span", None),
+            devices.append({"name": f"device_{i}", **files, **device_entries[i],
+                            "layers": getattr(segment, "layer_span", None),
                             "input": {"shape": list(x.shape[1:]), "dtype": "float32"},
                             "output_shape": out_shape, "output_width": int(np.prod(out_shape)),
                             "output_dtype": "float32", "params": count_params(segment),
@@ -139,16 +143,15 @@ def export_chain(segments: Sequence[nn.Module], out_dir: Path, *, image_shape: t
     return manifest
 
 
-def _check_inputs(model: UnifiedStudent, image_shape: tuple[int, int, int], class_names: list[str],
-                  partitions: list[list[int]], calibration_images: torch.Tensor, transport: str) -> None:
+def _check_inputs(model: GatherModel, image_shape: tuple[int, int, int], class_names: list[str],
+                  device_entries: list[dict], calibration_images: torch.Tensor, transport: str) -> None:
     """Fail before writing anything, with one line that says what does not fit."""
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; choose one of: {', '.join(TRANSPORTS)}")
-    widths = [d.out_channels for d in model.devices]
-    if [len(p) for p in partitions] != widths:
-        raise ValueError(f"partition sizes {[len(p) for p in partitions]} do not match the student widths {widths}")
-    if len(class_names) != model.aggregator.fc.out_features:
-        raise ValueError(f"{len(class_names)} class names for a model with {model.aggregator.fc.out_features} classes")
+    if len(device_entries) != len(model.devices):
+        raise ValueError(f"{len(device_entries)} device entries for a model of {len(model.devices)} devices")
+    if len(class_names) != model.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {model.num_classes} classes")
     _check_calibration(calibration_images, image_shape)
 
 
@@ -195,37 +198,52 @@ def _building(out_dir: Path) -> Iterator[Path]:
 
 
 @torch.no_grad()
-def _int8_scales(model: UnifiedStudent, images: torch.Tensor) -> list[float]:
-    """Per device: largest calibration activation / 255 (zero point 0: the vectors are ReLU means, >= 0).
-
-    The device's slice of ``feature_mean`` counts too, so the vector that stands in for a failed device is not clipped.
+def _int8_scales(model: GatherModel, images: torch.Tensor) -> list[float]:
+    """Per device: largest calibration activation / 255 (zero point 0: the vectors must be >= 0, as NoNN's
+    ReLU means are; export refuses others). The device's slice of the fill vector counts too, so the
+    vector that stands in for a failed device is not clipped.
     """
-    means = model.aggregator.feature_mean
-    peaks = [max(float(d(images).max()), float(means[span].max()))
-             for d, span in zip(model.devices, model.aggregator.slices())]
+    fill = model.aggregator.fill_vector()
+    spans = [torch.cat([d(images).flatten(), fill[span]]) for d, span in zip(model.devices, model.aggregator.slices())]
+    lowest = min(float(v.min()) for v in spans)
+    if lowest < 0:
+        raise ValueError(f"int8 transport needs vectors >= 0, these reach {lowest:.3g}; use fp32 or fp16")
+    peaks = [float(v.max()) for v in spans]
     return [p / 255 if p > 0 else 1.0 / 255 for p in peaks]
 
 
-def _export_device(wrapper: DeviceExport, name: str, root: Path, teacher_filters: list[int],
+def _export_device(wrapper: DeviceExport, name: str, root: Path, entries: dict,
                    image_shape: tuple[int, int, int], images: torch.Tensor, opset: int, int8_weights: bool) -> dict:
     device = wrapper.device
     files = _export_part(wrapper, root, name, images, ("images", "features"), opset, int8_weights)
-    return {"name": name, **files, "input": _input_spec(image_shape), "teacher_filters": list(teacher_filters),
-            "output_width": device.out_channels, "output_dtype": wrapper.dtype,
+    return {"name": name, **files, "input": _input_spec(image_shape), **entries,
+            "output_width": device.out_width, "output_dtype": wrapper.dtype,
             "params": count_params(device), "weight_bytes": weight_bytes(device),
             "macs": count_macs(device, image_shape),
-            "bytes_sent_per_inference": device.out_channels * np.dtype(wrapper.dtype).itemsize}
+            "bytes_sent_per_inference": device.out_width * np.dtype(wrapper.dtype).itemsize}
 
 
-def _export_aggregator(aggregator: Aggregator, root: Path, dtype: str, scales: list[float] | None,
+def _export_aggregator(aggregator: Combiner, root: Path, dtype: str, scales: list[float] | None,
                        features: torch.Tensor, opset: int, int8_weights: bool) -> dict:
     """``features``: the devices' transported calibration vectors, concatenated (the aggregator's real input)."""
     wrapper = AggregatorExport(aggregator, dtype, scales).eval()
     files = _export_part(wrapper, root, "aggregator", features, ("features", "logits"), opset, int8_weights)
     width = sum(aggregator.widths)
-    return {**files, "input_width": width, "input_dtype": dtype, "widths": list(aggregator.widths),
-            "feature_mean": aggregator.feature_mean.tolist(), "params": count_params(aggregator.fc),
-            "weight_bytes": weight_bytes(aggregator.fc), "macs": count_macs(aggregator.fc, (width,))}
+    return {**files, "kind": aggregator.kind, "input_width": width, "input_dtype": dtype,
+            "widths": list(aggregator.widths), "fill": aggregator.fill_vector().tolist(),
+            "params": count_params(aggregator), "weight_bytes": weight_bytes(aggregator),
+            "macs": count_macs(_Combine(aggregator), (width,))}
+
+
+class _Combine(nn.Module):
+    """The aggregator's combining rule alone, as a module (to count its MACs)."""
+
+    def __init__(self, aggregator: Combiner) -> None:
+        super().__init__()
+        self.aggregator = aggregator
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.aggregator.combine(z)
 
 
 def _export_part(wrapper: nn.Module, root: Path, name: str, example: torch.Tensor, io_names: tuple[str, str],

@@ -15,6 +15,7 @@ from torch import nn
 
 from students.networks import FeatureClassifier
 from students.registry import build_model
+from students.split import Combiner, GatherModel
 
 
 class DeviceStudent(nn.Module):
@@ -26,6 +27,7 @@ class DeviceStudent(nn.Module):
         self.adapter = nn.Sequential(nn.Conv2d(backbone.feature_channels, out_channels, 1, bias=False),
                                      nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
         self.out_channels = out_channels
+        self.out_width = out_channels  # it sends the spatial mean of each of its channels
         self.out_size = tuple(out_size)
 
     def forward_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,28 +42,23 @@ class DeviceStudent(nn.Module):
         return self.forward_map(x).mean(dim=(2, 3))
 
 
-class Aggregator(nn.Module):
-    """Concatenated device vectors -> logits. Keeps a running mean of each feature to fill failed devices."""
+class Aggregator(Combiner):
+    """Concatenated device vectors -> logits by one linear layer. Keeps a running mean of each feature,
+    which stands in for a failed device."""
+
+    kind = "concat_linear"
 
     def __init__(self, widths: Sequence[int], num_classes: int, momentum: float = 0.01) -> None:
-        super().__init__()
-        self.widths = list(widths)
+        super().__init__(widths)
         self.fc = nn.Linear(sum(widths), num_classes)
         self.momentum = momentum
         self.register_buffer("feature_mean", torch.zeros(sum(widths)))
 
-    def slices(self) -> list[slice]:
-        bounds = torch.tensor([0, *self.widths]).cumsum(0).tolist()
-        return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    def fill_vector(self) -> torch.Tensor:
+        return self.feature_mean
 
-    def fill_missing(self, z: torch.Tensor, missing: Sequence[int]) -> torch.Tensor:
-        if not missing:
-            return z
-        z = z.clone()
-        spans = self.slices()
-        for i in missing:
-            z[:, spans[i]] = self.feature_mean[spans[i]]
-        return z
+    def combine(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc(z)
 
     def forward(self, z: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """``drop`` [N, K] bool (training with student dropout) replaces those vectors with the mean."""
@@ -74,13 +71,11 @@ class Aggregator(nn.Module):
         return self.fc(z)
 
 
-class UnifiedStudent(nn.Module):
-    """K devices + aggregator, trained as one model; ``split()`` gives the per-device parts."""
+class UnifiedStudent(GatherModel):
+    """K devices + aggregator, trained as one model; ``devices`` and ``aggregator`` are the per-device parts."""
 
     def __init__(self, devices: Sequence[DeviceStudent], num_classes: int) -> None:
-        super().__init__()
-        self.devices = nn.ModuleList(devices)
-        self.aggregator = Aggregator([d.out_channels for d in devices], num_classes)
+        super().__init__(devices, Aggregator([d.out_channels for d in devices], num_classes), num_classes)
 
     @classmethod
     def build(cls, archs: Sequence[str], widths: Sequence[int], in_channels: int, num_classes: int,
@@ -102,10 +97,3 @@ class UnifiedStudent(nn.Module):
     def logits_from_maps(self, maps: Sequence[torch.Tensor], drop: torch.Tensor | None = None) -> torch.Tensor:
         """Logits from the device maps. ``drop`` [N, K] bool replaces those vectors with the running mean."""
         return self.aggregator(torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1), drop)
-
-    def vectors(self, x: torch.Tensor) -> torch.Tensor:
-        """What the K devices send, concatenated in device order: [N, sum |P_i|]."""
-        return torch.cat([d(x) for d in self.devices], dim=1)
-
-    def forward(self, x: torch.Tensor, missing: Sequence[int] = ()) -> torch.Tensor:
-        return self.aggregator(self.aggregator.fill_missing(self.vectors(x), missing))

@@ -8,6 +8,7 @@ from students.unified import UnifiedStudent
 IMAGE_SHAPE = (1, 16, 16)
 WIDTHS = [5, 7]
 PARTITIONS = [[0, 3, 4, 8, 9], [1, 2, 5, 6, 7, 10, 11]]
+DEVICE_ENTRIES = [{"arch": "wrn_10_1", "teacher_filters": p} for p in PARTITIONS]  # what NoNN records per device
 CLASSES = ["a", "b", "c", "d"]
 
 

@@ -52,5 +52,29 @@ def test_tables_render_from_records(tmp_path, monkeypatch):
     assert text.startswith("intro\n") and text.endswith("end\n") and "old" not in text
     line = next(l for l in text.splitlines() if l.startswith("| NoNN K=2"))
     # mean ± sample std over the two seeds: 91.00 ± 1.41; failures: mean of [0.7, 0.8] per seed = 75.00 ± 0.00
-    assert "| 91.00 ± 1.41 | 2 | 92.00 ± 1.41 | 81,136 | 9.55 M | 512 B | 75.00 ± 0.00 | - | 100 s |" in line
+    assert ("| 91.00 ± 1.41 | 2 | 92.00 ± 1.41 | 81,136 | 9.55 M | 512 B | 75.00 ± 0.00 | no device left | 100 s |"
+            in line)
     assert "| teacher wrn_16_2 | 94.00 |" in text and "Test CPU, 2 cores, bf16-mixed" in text
+
+
+def test_comparison_table_renders_every_column_from_records(tmp_path, monkeypatch):
+    """A chain (MP) has no answer with a device down; with 2 devices, 2 down leaves none."""
+    monkeypatch.setattr(rows, "RESULTS", tmp_path / "results")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- table:comparison -->\n<!-- /table:comparison -->\n")
+    monkeypatch.setattr(rows, "README", readme)
+    hardware = {"cpu": "Test CPU", "cpu_cores": 2}
+    for row, failures, latency in (("vp", [{"missing": [0], "accuracy": 0.8}, {"missing": [1], "accuracy": 0.9}], 0.5),
+                                   ("mp", [{"missing": [0], "accuracy": None}, {"missing": [1], "accuracy": None}], 2.0)):
+        record = {"row": row, "label": row.upper(), "seed": 0, "hardware": hardware, "test_acc": 0.9,
+                  "bytes_sent": 48 if row == "vp" else 50_176, "distill": {"precision": "32-true"},
+                  "devices": [{"params": 1000, "macs": 2_000_000, "bytes_sent_per_inference": 24,
+                               "onnx_latency_ms": latency}] * 2,
+                  "failures": [{"missing": [], "accuracy": 0.9}, *failures]}
+        path = rows.record_path("comparison", row, 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record))
+    rows.render_tables()
+    lines = readme.read_text().splitlines()
+    assert "| VP | 2 | 90.00 | 1 | 1,000 | 2.00 M | 0.500 | 48 B | 85.00 | no device left |" in lines
+    assert "| MP | 2 | 90.00 | 1 | 1,000 | 2.00 M | 2.000 | 50,176 B | no answer | no device left |" in lines

@@ -17,7 +17,7 @@ from students.bundle_torch import TorchBundle
 from students import export as export_module
 from students.export import export_bundle
 from students.unified import UnifiedStudent
-from tests.helpers import CLASSES, IMAGE_SHAPE, PARTITIONS, WIDTHS, images as _images, tiny_student
+from tests.helpers import CLASSES, DEVICE_ENTRIES, IMAGE_SHAPE, PARTITIONS, WIDTHS, images as _images, tiny_student
 
 BYTES_PER_NUMBER = {"fp32": 4, "fp16": 2, "int8": 1}
 
@@ -41,7 +41,7 @@ def model() -> UnifiedStudent:
 
 
 def _export(model: UnifiedStudent, out: Path, **kwargs) -> dict:
-    return export_bundle(model, out, image_shape=IMAGE_SHAPE, class_names=CLASSES, partitions=PARTITIONS,
+    return export_bundle(model, out, image_shape=IMAGE_SHAPE, class_names=CLASSES, device_entries=DEVICE_ENTRIES,
                          calibration_images=_images(32, seed=1), **kwargs)
 
 
@@ -233,14 +233,14 @@ def test_export_into_a_file_fails_cleanly(model, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"partitions": [[0], [1]]}, "partition sizes"),
+    ({"device_entries": [{}]}, "1 device entries"),
     ({"class_names": ["a"]}, "1 class names"),
     ({"calibration_images": torch.rand(4, 3, 16, 16)}, "calibration images have shape"),
     ({"transport": "int4"}, "unknown transport"),
     ({"extra": {"devices": []}}, "would overwrite"),
 ])
 def test_export_checks_arguments_before_writing(model, tmp_path, change, message):
-    kwargs = dict(image_shape=IMAGE_SHAPE, class_names=CLASSES, partitions=PARTITIONS,
+    kwargs = dict(image_shape=IMAGE_SHAPE, class_names=CLASSES, device_entries=DEVICE_ENTRIES,
                   calibration_images=_images(4, seed=1)) | change
     with pytest.raises(ValueError, match=message):
         export_bundle(model, tmp_path / "export", **kwargs)

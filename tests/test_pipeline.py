@@ -15,8 +15,8 @@ from distill.cli import main
 from distill.config import load_config
 from distill.context import Context
 from distill.io import sha256_file
-from distill.loading import load_student
-from distill.modules import NoNNModule
+from distill.loading import load_trained
+from distill.modules import PLAN_KEY, NoNNModule
 from distill.records import STAGES
 from distill.stages import run_stage
 from students.bundle import read_manifest
@@ -56,12 +56,12 @@ def test_teacher_and_students_learn(finished_run):
     """4 synthetic classes (chance 25%): both stages must learn far above chance in two epochs."""
     report = json.loads((finished_run / "report.json").read_text())
     assert report["teacher"]["test_acc"] >= 0.8
-    assert report["nonn"]["test_acc_bundle"] >= 0.7
+    assert report["method"]["test_acc_bundle"] >= 0.7
 
 
 def test_report_matches_the_bundle_and_lists_failures(finished_run):
     report = json.loads((finished_run / "report.json").read_text())
-    nonn = report["nonn"]
+    nonn = report["method"]
     assert nonn["bundle_agreement"] == 1.0 and nonn["bundle_max_logit_diff"] < 1e-4
     assert nonn["test_acc_bundle"] == pytest.approx(nonn["test_acc_pytorch"])
     assert [f["missing"] for f in report["failures"]] == [[], [0], [1]]
@@ -92,7 +92,7 @@ def test_changed_config_redoes_only_downstream_stages(finished_run, tmp_path, ca
     assert "[nonn] distill: up to date" in out and "[nonn] export: running" in out
     assert "[nonn] evaluate: running" in out
     assert json.loads((run_dir / "export" / "manifest.json").read_text())["transport"]["name"] == "fp16"
-    nonn = json.loads((run_dir / "report.json").read_text())["nonn"]
+    nonn = json.loads((run_dir / "report.json").read_text())["method"]
     assert nonn["transport"] == "fp16" and nonn["weights"] == "int8"
     assert all(d["model_file"].endswith("model.int8.onnx") for d in nonn["devices"])
     assert nonn["bundle_agreement"] > 0.9, "fp16 transport and int8 weights keep most predictions"
@@ -159,7 +159,7 @@ def test_independent_script_reproduces_the_reported_accuracy(finished_run, tmp_p
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_accuracy.py"
     out = subprocess.run([sys.executable, str(script), str(run_dir / "export"), "--npy", str(tmp_path / "x.npy"),
                           str(tmp_path / "y.npy")], capture_output=True, text=True, check=True).stdout
-    reported = json.loads((run_dir / "report.json").read_text())["nonn"]["test_acc_bundle"]
+    reported = json.loads((run_dir / "report.json").read_text())["method"]["test_acc_bundle"]
     assert f"accuracy {reported:.4f}" in out
 
 
@@ -178,7 +178,7 @@ def test_same_command_gives_the_same_students(finished_run, tmp_path):
 def test_export_uses_the_filter_lists_the_students_were_trained_on(finished_run, tmp_path, capsys):
     """A partition file edited after training (its record rewritten to match) is refused, not exported."""
     run_dir = copy_run(finished_run, tmp_path)
-    trained = torch.load(run_dir / "students" / "best.ckpt", weights_only=True)["nonn_partitions"]
+    trained = torch.load(run_dir / "students" / "best.ckpt", weights_only=True)[PLAN_KEY]["partitions"]
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert [d["teacher_filters"] for d in manifest["devices"]] == trained
     path = run_dir / "partition" / "partition.json"
@@ -190,4 +190,4 @@ def test_export_uses_the_filter_lists_the_students_were_trained_on(finished_run,
     assert "stage 'distill' in" in capsys.readouterr().err  # trained on another partition record
     ctx = Context(load_config(TINY), run_dir)
     with pytest.raises(RuntimeError, match="no longer lists the filters the students"):
-        load_student(ctx, ctx.datamodule())  # the checkpoint itself knows its filter lists
+        load_trained(ctx, ctx.datamodule())  # the checkpoint itself knows its filter lists

@@ -1,0 +1,28 @@
+"""One student with a classifier, on one device: the KD, attention-transfer and scratch baselines.
+
+Built like a NoNN student with K=1 learning every teacher filter in order (so the attention and
+filter-level transfer losses apply unchanged); ``distill.losses`` picks KD, AT or plain CE.
+"""
+from __future__ import annotations
+
+from methods.base import register
+from methods.nonn import NoNN
+
+
+@register
+class Single(NoNN):
+    name = "single"
+    label = "single student"
+    sends = "nothing but its answer (the whole model is on one device)"
+    uses_partition = False
+
+    def plan(self) -> dict:
+        return {"partitions": [list(range(self.teacher.feature_channels))]}
+
+    def check_plan(self, plan: dict) -> None:
+        if plan != self.plan():
+            raise RuntimeError(f"the student in {self.setting.run_dir / 'students'} was trained against a teacher "
+                               f"with another number of filters; rerun `nonn distill --force`")
+
+    def describe(self, plan: dict) -> dict:
+        return {"losses": sorted(self.config["distill"]["losses"])}
