@@ -36,8 +36,9 @@ DEFAULTS: dict[str, Any] = {
     },
     "trainer": {
         "accelerator": "auto",
-        "devices": 1,                # processes (CPU) or GPUs per node; > 1 with strategy ddp
-        "strategy": "auto",          # ddp: data-parallel, one process per device, each its own shard of the data
+        "processes": 1,              # training processes per node: CPU processes, or one per GPU; > 1 with strategy ddp
+                                     # (Lightning calls them "devices"; here a device is always an IoT node)
+        "strategy": "auto",          # ddp: data-parallel, one process per CPU core group or GPU, each its own shard of the data
         "num_nodes": 1,
         "precision": "32-true",      # auto = bf16-mixed where the hardware computes bf16 natively, else 32-true;
                                      # bf16 asked for on hardware without it falls back to 32-true (warning)
@@ -112,7 +113,7 @@ DEFAULTS: dict[str, Any] = {
 # Keys whose value is an open mapping (any sub-keys allowed).
 OPEN_KEYS = {"distill.losses", "method_options"}
 # Keys that take several types (everything else must have the type of its default, when that is not None).
-FREE_TYPES = {"trainer.devices": (int, str, list), "trainer.precision": (str, int)}
+FREE_TYPES = {"trainer.processes": (int, str, list), "trainer.precision": (str, int)}
 
 
 class _Loader(yaml.SafeLoader):

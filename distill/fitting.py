@@ -40,7 +40,7 @@ def fit(ctx: Context, stage_dir: Path, module: pl.LightningModule, dm: ImageData
     every_epoch = ModelCheckpoint(dirpath=stage_dir, filename="last", monitor=None, save_top_k=1,
                                   enable_version_counter=False)
     tc = ctx.config["trainer"]
-    trainer = pl.Trainer(max_epochs=epochs, accelerator=tc["accelerator"], devices=tc["devices"],
+    trainer = pl.Trainer(max_epochs=epochs, accelerator=tc["accelerator"], devices=tc["processes"],
                          strategy=tc["strategy"], num_nodes=tc["num_nodes"],
                          precision=resolve_precision(tc["precision"], tc["accelerator"]),
                          deterministic=tc["deterministic"], logger=lightning_loggers(tracker, stage_dir, resumed_epoch),

@@ -18,7 +18,7 @@ from distill.context import Context
 from distill.loading import load_teacher
 from tests.conftest import ROOT, TINY
 
-DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+DDP = ["--trainer.strategy", "ddp", "--trainer.processes", "2", "--trainer.accelerator", "cpu",
        "--trainer.num_threads", "1"]
 
 

@@ -112,6 +112,24 @@ def test_lcp_trains_without_the_teacher_and_refuses_other_widths(runs):
         load_trained(wider, wider.datamodule())
 
 
+@pytest.mark.parametrize("name", ["vp", "cp"])
+def test_vp_and_cp_bundles_run_over_mqtt_like_in_process(runs, name, tmp_path):
+    """The runtime knows no method: devices send what their graphs return, the aggregator's graph combines.
+    The drill kills device 0: the answers while it is down equal the bundle's without it."""
+    from serve.deploy import run_deploy
+
+    bundle_dir = runs[name] / "export"
+    pixels = (np.random.default_rng(1).random((60, 1, 16, 16)) * 255).round().astype(np.uint8)
+    labels = np.zeros(len(pixels), dtype=np.int64)
+    report = run_deploy(bundle_dir, tmp_path, pixels, labels, drill_images=60, drill_device=0, deadline_ms=1000,
+                        progress=False)
+    assert report["method"] == name and report["lost"]["total"] == 0
+    assert report["accuracy"]["predictions_equal_bundle"]
+    assert report["drill"]["predictions_equal_bundle_missing_device"]
+    widths = [d["output_width"] for d in Bundle.load(bundle_dir).manifest["devices"]]
+    assert [report["per_inference"][f"device_{i}"]["payload_bytes"] for i in range(2)] == [4 * w for w in widths]
+
+
 def test_topk_sum_adds_scattered_probabilities():
     agg = TopKSum(num_devices=2, top_k=2, num_classes=4)
     z = torch.tensor([[3.0, 1.0, 0.6, 0.3, 1.0, 2.0, 0.5, 0.4]])  # device 0: (3, .6), (1, .3); device 1: (1, .5), (2, .4)
