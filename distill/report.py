@@ -71,8 +71,9 @@ def render_markdown(r: dict) -> str:
         mp_sent = mp["bytes_sent_between_devices"]
         lines += ["", f"Model parallelism sends {mp_sent:,} B per image between devices; {n['label']} sends "
                   f"{n['total_bytes_sent']:,} B ({mp_sent / max(n['total_bytes_sent'], 1):.0f}x less)."]
-    lines += ["", "## Device failures (a failed device's message is replaced by the aggregator's fill vector)", "",
-              "| failed devices | test accuracy |", "|---|---|"]
+    how = ("a chain has no answer without every device" if n["topology"] == "chain"
+           else "a failed device's message is replaced by the aggregator's fill vector")
+    lines += ["", f"## Device failures ({how})", "", "| failed devices | test accuracy |", "|---|---|"]
     for f in r["failures"]:
         acc = "no answer" if f["accuracy"] is None else f"{f['accuracy']:.4f}"
         lines.append(f"| {', '.join(map(str, f['missing'])) or 'none'} | {acc} |")
