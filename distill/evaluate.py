@@ -119,11 +119,11 @@ def evaluate_run(ctx: "Context", tracker: "Tracker") -> dict:
             "max_device_macs": max(d["macs"] for d in devices),
             # a chain's last device returns the answer: only what crosses between devices counts
             "total_bytes_sent": sum(sent[:-1]) if bundle.chain else sum(sent),
-            **method.describe(plan),
+            "summary": method.summary(plan), **method.describe(plan),
         },
         "failures": failures,
     }
-    if method.name != "mp":
+    if method.mp_baseline:
         report["model_parallel"] = model_parallel_report(ctx.run_dir / "export_mp", images, labels)
     n = report["method"]
     n["compression_vs_teacher"] = teacher_info["params"] / n["max_device_params"]

@@ -18,10 +18,12 @@ SCHEDULES = ("cosine", "step")  # learning-rate schedules configure_optimizers b
 
 
 class _SupervisedModule(pl.LightningModule):
-    """What both stages share: SGD + schedule from a config section, channels_last inputs, accuracy."""
+    """What every training shares: the trained ``model``, SGD + schedule from a config section,
+    channels_last inputs, accuracy of ``self(x)`` on the validation and test splits."""
 
-    def __init__(self, optim_cfg: dict, num_classes: int, channels_last: bool) -> None:
+    def __init__(self, model: torch.nn.Module, optim_cfg: dict, num_classes: int, channels_last: bool) -> None:
         super().__init__()
+        self.model = model
         self.optim_cfg = optim_cfg
         self.channels_last = channels_last
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -29,6 +31,9 @@ class _SupervisedModule(pl.LightningModule):
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self._input(x))
 
     def setup(self, stage: str) -> None:
         if self.channels_last:
@@ -47,23 +52,6 @@ class _SupervisedModule(pl.LightningModule):
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
-
-class TeacherModule(_SupervisedModule):
-    """Cross-entropy training of any registry architecture."""
-
-    def __init__(self, model: FeatureClassifier, optim_cfg: dict, num_classes: int, channels_last: bool = True) -> None:
-        super().__init__(optim_cfg, num_classes, channels_last)
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self._input(x))
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         self.val_acc(self(x), y)
@@ -75,14 +63,26 @@ class TeacherModule(_SupervisedModule):
         self.log("test/acc", self.test_acc)
 
 
+class TeacherModule(_SupervisedModule):
+    """Cross-entropy training of any registry architecture."""
+
+    def __init__(self, model: FeatureClassifier, optim_cfg: dict, num_classes: int, channels_last: bool = True) -> None:
+        super().__init__(model, optim_cfg, num_classes, channels_last)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+
 class DistillModule(_SupervisedModule):
     """What every method's training shares: an optional frozen teacher, the method's plan saved in every
     checkpoint (so export never pairs the weights with another plan), accuracy of ``self(x)``."""
 
     def __init__(self, model: torch.nn.Module, plan: dict, optim_cfg: dict, num_classes: int,
                  teacher: FeatureClassifier | None = None, channels_last: bool = True) -> None:
-        super().__init__(optim_cfg, num_classes, channels_last)
-        self.model = model
+        super().__init__(model, optim_cfg, num_classes, channels_last)
         self.plan = plan
         self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
 
@@ -95,25 +95,12 @@ class DistillModule(_SupervisedModule):
             self.teacher.eval()  # the teacher's BN statistics never move
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self._input(x))
-
     def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's final feature map and logits, outside autograd."""
         with torch.inference_mode():
             fmap = self.teacher.forward_features(x)
             logits = self.teacher.fc(fmap.mean(dim=(2, 3)))
         return fmap.clone(), logits.clone()  # clones are ordinary tensors that autograd may save
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        x, y = batch
-        self.val_acc(self(x), y)
-        self.log("val/acc", self.val_acc, prog_bar=True)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        x, y = batch
-        self.test_acc(self(x), y)
-        self.log("test/acc", self.test_acc)
 
 
 class NoNNModule(DistillModule):

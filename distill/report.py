@@ -10,26 +10,9 @@ def _m(n: float) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
 
 
-def _details(n: dict) -> str:
-    """The method's own choices, in words."""
-    if "partition_mode" in n:
-        return f"{n['partition_mode']} partition, sizes {n['partition_sizes']}"
-    if "variants" in n:
-        return f"variants {', '.join(n['variants'])}, top-{n['top_k']}"
-    if "groups" in n:
-        return f"{n['grouping']} class groups {n['groups']}"
-    if "branch_widths" in n:
-        return f"branch widths {n['branch_widths']}"
-    if "losses" in n:
-        return f"losses {', '.join(n['losses'])}"
-    if "layers" in n:
-        return f"teacher layers {', '.join(n['layers'])}"
-    return ""
-
-
 def render_markdown(r: dict) -> str:
     t, n = r["teacher"], r["method"]
-    details = _details(n)
+    details = n["summary"]
     lines = [
         f"# {n['label']} report: {r['run']} ({r['dataset']}, {r['test_images']} test images)",
         "",

@@ -127,8 +127,8 @@ def stage_distill(ctx: Context, tracker: Tracker) -> dict:
 
 
 def stage_export(ctx: Context, tracker: Tracker) -> dict:
-    """The method's bundle (``export/``) and, for every method but model parallelism itself, the teacher
-    cut layer-wise over as many devices at MAC-balanced points as its baseline (``export_mp/``)."""
+    """The method's bundle (``export/``) and, unless the method is that split itself, the teacher cut
+    layer-wise over as many devices at MAC-balanced points as its baseline (``export_mp/``)."""
     from methods.mp import export_teacher_chain
 
     dm = ctx.datamodule()
@@ -139,7 +139,7 @@ def stage_export(ctx: Context, tracker: Tracker) -> dict:
     manifest = method.export(model, plan, ctx.run_dir / "export", calibration, about)
     num_devices = len(manifest["devices"])
     bundles = ["export"]
-    if method.name != "mp":
+    if method.mp_baseline:
         export_teacher_chain(method, num_devices, ctx.run_dir / "export_mp", calibration, about)
         bundles.append("export_mp")
     tracker.log_artifact(ctx.run_dir / "export", f"{ctx.config['name']}-bundle", "model")

@@ -52,6 +52,7 @@ class Method:
     options: ClassVar[dict[str, Any]] = {}    # defaults of method_options.<name>
     uses_partition: ClassVar[bool] = False    # the partition stage runs (filter graph + communities)
     trains: ClassVar[bool] = True             # False: built from the teacher as it is
+    mp_baseline: ClassVar[bool] = True        # export and report the teacher's layer-wise split beside it
     transports: ClassVar[tuple[str, ...]] = ("fp32", "fp16")
     losses: ClassVar[tuple[str, ...] | None] = None  # distill.losses it accepts; None: every registered one
 
@@ -114,6 +115,10 @@ class Method:
     def describe(self, plan: dict) -> dict:
         """The method's own entries in report.json (partition sizes, class groups, variants, ...)."""
         return {}
+
+    def summary(self, plan: dict) -> str:
+        """Those choices in a few words, for report.md."""
+        return ""
 
     def export(self, model: nn.Module, plan: dict, out_dir: Path, calibration: torch.Tensor, extra: dict) -> dict:
         """Write the bundle (devices side by side + aggregator); returns its manifest."""

@@ -175,3 +175,6 @@ class ClassParallel(Method):
 
     def describe(self, plan: dict) -> dict:
         return {"grouping": self.opts["grouping"], "groups": plan["groups"]}
+
+    def summary(self, plan: dict) -> str:
+        return f"{self.opts['grouping']} class groups {plan['groups']}"

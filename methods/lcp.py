@@ -46,3 +46,6 @@ class LCP(NoNN):
 
     def describe(self, plan: dict) -> dict:
         return {"branch_widths": plan["widths"]}
+
+    def summary(self, plan: dict) -> str:
+        return f"branch widths {plan['widths']}"

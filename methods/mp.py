@@ -19,6 +19,7 @@ class ModelParallel(Method):
     sends = "its whole feature map to the next device"
     options = {"devices": 2}
     trains = False
+    mp_baseline = False  # it is that split
     transports = ("fp32",)
 
     @classmethod
@@ -37,6 +38,9 @@ class ModelParallel(Method):
 
     def describe(self, plan: dict) -> dict:
         return {"layers": [s.layer_span for s in self.build(plan)]}
+
+    def summary(self, plan: dict) -> str:
+        return f"teacher layers {', '.join(self.describe(plan)['layers'])}"
 
     def export(self, model: nn.Module, plan: dict, out_dir: Path, calibration: torch.Tensor, extra: dict) -> dict:
         return export_teacher_chain(self, len(model), out_dir, calibration, extra)

@@ -55,3 +55,6 @@ class NoNN(Method):
     def describe(self, plan: dict) -> dict:
         return {"partition_mode": self.config["partition"]["mode"],
                 "partition_sizes": [len(p) for p in plan["partitions"]]}
+
+    def summary(self, plan: dict) -> str:
+        return f"{self.config['partition']['mode']} partition, sizes {[len(p) for p in plan['partitions']]}"

@@ -26,3 +26,6 @@ class Single(NoNN):
 
     def describe(self, plan: dict) -> dict:
         return {"losses": sorted(self.config["distill"]["losses"])}
+
+    def summary(self, plan: dict) -> str:
+        return f"losses {', '.join(sorted(self.config['distill']['losses']))}"

@@ -132,3 +132,7 @@ class VariantParallel(Method):
 
     def describe(self, plan: dict) -> dict:
         return {"variants": [f"{v['arch']} @{v['resolution']}px" for v in plan["variants"]], "top_k": plan["top_k"]}
+
+    def summary(self, plan: dict) -> str:
+        d = self.describe(plan)
+        return f"variants {', '.join(d['variants'])}, top-{d['top_k']}"
