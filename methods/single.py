@@ -13,7 +13,7 @@ from methods.nonn import NoNN
 class Single(NoNN):
     name = "single"
     label = "single student"
-    sends = "nothing but its answer (the whole model is on one device)"
+    sends = "its pooled feature vector to the aggregator's classifier (which could run on the device itself)"
     uses_partition = False
 
     def plan(self) -> dict:
