@@ -537,7 +537,7 @@ def deploy_from_args(args: argparse.Namespace) -> str:
     mp_bundle = run_dir / "export_mp" if args.mp else None
     if mp_bundle is not None and not (mp_bundle / "manifest.json").exists():
         raise ValueError(f"{mp_bundle}: no model-parallel bundle; run `nonn export --force` on {run_dir} "
-                         "(the export stage writes export_mp/ beside export/)")
+                         "(the export stage writes export_mp/ beside every method's export/ but MP's own)")
     _, manifest = read_manifest(bundle_dir)
     config = run_config(home, manifest)
     options = {key: getattr(args, key) if getattr(args, key) is not None else config["deploy"][key]
