@@ -5,7 +5,7 @@ from __future__ import annotations
 from distill.loading import teacher_map_size
 from distill.modules import NoNNModule
 from methods.base import Method, register
-from students.unified import UnifiedStudent
+from students.unified import UnifiedStudent, device_archs
 
 
 @register
@@ -31,10 +31,6 @@ class NoNN(Method):
             raise RuntimeError(f"{self.setting.run_dir / 'partition' / 'partition.json'} no longer lists the filters "
                                "the students were trained on; rerun `nonn distill` (or `nonn run`)")
 
-    def archs(self, k: int) -> list[str]:
-        archs = self.config["distill"]["students"]
-        return list(archs) * k if len(archs) == 1 else list(archs)
-
     def build(self, plan: dict) -> UnifiedStudent:
         return self._build([len(p) for p in plan["partitions"]])
 
@@ -50,7 +46,7 @@ class NoNN(Method):
 
     def device_entries(self, plan: dict) -> list[dict]:
         return [{"arch": arch, "teacher_filters": list(p)}
-                for arch, p in zip(self.archs(len(plan["partitions"])), plan["partitions"])]
+                for arch, p in zip(device_archs(self.config["distill"]["students"], len(plan["partitions"])), plan["partitions"])]
 
     def describe(self, plan: dict) -> dict:
         return {"partition_mode": self.config["partition"]["mode"],

@@ -71,6 +71,16 @@ class Aggregator(Combiner):
         return self.fc(z)
 
 
+def device_archs(archs: Sequence[str], k: int) -> list[str]:
+    """One architecture name per device: a single name serves all K, otherwise there must be K."""
+    if len(archs) == 1:
+        return list(archs) * k
+    if len(archs) != k:
+        raise ValueError(f"distill.students names {len(archs)} architectures for {k} partitions; "
+                         "give one name for all students or one per student")
+    return list(archs)
+
+
 class UnifiedStudent(GatherModel):
     """K devices + aggregator, trained as one model; ``devices`` and ``aggregator`` are the per-device parts."""
 
@@ -80,11 +90,7 @@ class UnifiedStudent(GatherModel):
     @classmethod
     def build(cls, archs: Sequence[str], widths: Sequence[int], in_channels: int, num_classes: int,
               mean: Sequence[float], std: Sequence[float], out_size: tuple[int, int]) -> "UnifiedStudent":
-        if len(archs) == 1:
-            archs = list(archs) * len(widths)
-        if len(archs) != len(widths):
-            raise ValueError(f"distill.students names {len(archs)} architectures for {len(widths)} partitions; "
-                             "give one name for all students or one per student")
+        archs = device_archs(archs, len(widths))
         if any(w < 1 for w in widths):
             raise ValueError(f"every partition needs at least one filter, got sizes {list(widths)}")
         devices = [DeviceStudent(build_model(a, in_channels, 0, mean, std), w, out_size)
