@@ -1,25 +1,32 @@
 """Benchmark rows: run them, keep one JSON record per finished row, render every table from the records.
 
     python benchmarks/rows.py run TABLE [--rows A,B] [--seeds 0,1,2] [--work DIR] [--force]
+                                        [--parallel N] [--set KEY=VALUE ...]
     python benchmarks/rows.py tables                      # rewrite the tables in benchmarks/README.md
 
 Rows and tables are declared in ``benchmarks/rows.yaml``. A row is ``nonn`` on one config with its
 overrides and a seed, in ``WORK/TABLE/ROW-seedS`` (a row that was interrupted resumes there from
 its last checkpoint). When it finishes, ``benchmarks/results/TABLE/ROW-seedS.json`` records the
 resolved config, git commit, hardware, wall time, accuracies, per-device cost and the failure table.
-A row with a record is not rerun unless ``--force``. Tables are written between
+A row with a record is not rerun unless ``--force``. ``--parallel N`` runs N rows side by side (a GPU
+host trains these small models faster several at a time); ``--set trainer.num_threads=2`` adds an
+override to every row of this invocation (it is kept in each record's resolved config). A row may
+declare ``same_as: TABLE/ROW`` when it is exactly that experiment: it is never run, its records are
+that row's. Tables are written between
 ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` in the README, from the records alone.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import threading
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -52,6 +59,10 @@ def hardware() -> dict:
 
 
 def git_commit() -> str:
+    """HEAD (+dirty), or ``NONN_GIT_COMMIT`` for a copy of the tree shipped without its .git (a GPU host)."""
+    if os.environ.get("NONN_GIT_COMMIT"):
+        return os.environ["NONN_GIT_COMMIT"]
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     commit = git("rev-parse", "HEAD") or "unknown"
@@ -62,14 +73,17 @@ def record_path(table: str, row: str, seed: int) -> Path:
     return RESULTS / table / f"{row}-seed{seed}.json"
 
 
-def commands_for(spec: dict, table: str, row: str, seed: int, run_dir: Path) -> list[list[str]]:
-    """The ``nonn`` commands of one row: the table's stages (default: ``run``), same options each."""
+def commands_for(spec: dict, table: str, row: str, seed: int, run_dir: Path,
+                 extra: dict | None = None) -> list[list[str]]:
+    """The ``nonn`` commands of one row: the table's stages (default: ``run``), same options each. The
+    committed teacher is used unless the table names its own (``teacher: null`` trains one)."""
     t, r = spec["tables"][table], spec["tables"][table]["rows"][row]
     options = ["--config", r["config"], "--run-dir", str(run_dir), "--seed", str(seed),
                "--trainer.progress_bar", "false"]
-    if spec.get("teacher"):
-        options += ["--teacher.checkpoint", spec["teacher"]]
-    for overrides in (t.get("overrides", {}), r.get("overrides", {})):
+    teacher = t.get("teacher", spec.get("teacher"))
+    if teacher:
+        options += ["--teacher.checkpoint", teacher]
+    for overrides in (t.get("overrides", {}), r.get("overrides", {}), extra or {}):
         for key, value in overrides.items():
             options += [f"--{key}", yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")]
     return [[sys.executable, "-m", "distill", stage, *options] for stage in t.get("stages", ["run"])]
@@ -99,45 +113,87 @@ def make_record(spec: dict, table: str, row: str, seed: int, run_dir: Path, seco
     return record
 
 
-def run_rows(table: str, rows: list[str] | None, seeds: list[int] | None, work: Path, force: bool) -> None:
+_print_lock = threading.Lock()
+
+
+def say(message: str) -> None:
+    with _print_lock:
+        print(f"[rows] {message}", flush=True)
+
+
+def run_one(spec: dict, table: str, row: str, seed: int, work: Path, extra: dict) -> bool:
+    """Run one row in its own folder (resuming it) and write its record; False when it failed."""
+    run_dir = work / table / f"{row}-seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmds = commands_for(spec, table, row, seed, run_dir, extra)
+    say(f"{table}/{row} seed {seed}: {' '.join(cmds[-1][1:])}")
+    start = time.perf_counter()
+    with open(run_dir / "rows.log", "a") as log:
+        code = next((c for cmd in cmds if (c := subprocess.run(cmd, cwd=ROOT, stdout=log,
+                                                               stderr=subprocess.STDOUT).returncode)), 0)
+    seconds = time.perf_counter() - start
+    if code != 0:
+        say(f"{table}/{row} seed {seed}: failed (exit {code}), see {run_dir / 'rows.log'}")
+        return False
+    out = record_path(table, row, seed)
+    write_json_atomic(out, make_record(spec, table, row, seed, run_dir, seconds, cmds))
+    say(f"{table}/{row} seed {seed}: done in {seconds:.0f} s -> {out.relative_to(ROOT)}")
+    return True
+
+
+def run_rows(table: str, rows: list[str] | None, seeds: list[int] | None, work: Path, force: bool,
+             parallel: int = 1, extra: dict | None = None) -> bool:
+    """Run the rows that have no record yet, ``parallel`` at a time; True when none failed."""
     spec = load_spec()
     if table not in spec["tables"]:
         sys.exit(f"rows.py: unknown table {table!r}; {SPEC} has: {', '.join(spec['tables'])}")
     t = spec["tables"][table]
+    pending = []
     for row in rows or list(t["rows"]):
         if row not in t["rows"]:
             sys.exit(f"rows.py: table {table!r} has no row {row!r}; it has: {', '.join(t['rows'])}")
+        if t["rows"][row].get("same_as"):
+            say(f"{table}/{row}: the records of {t['rows'][row]['same_as']} (same experiment); not run here")
+            continue
         for seed in seeds if seeds is not None else t["rows"][row].get("seeds", [0]):
             out = record_path(table, row, seed)
             if out.exists() and not force:
-                print(f"[rows] {table}/{row} seed {seed}: recorded in {out.relative_to(ROOT)}", flush=True)
-                continue
-            run_dir = work / table / f"{row}-seed{seed}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cmds = commands_for(spec, table, row, seed, run_dir)
-            print(f"[rows] {table}/{row} seed {seed}: {' '.join(cmds[-1][1:])}", flush=True)
-            start = time.perf_counter()
-            with open(run_dir / "rows.log", "a") as log:
-                code = next((c for cmd in cmds if (c := subprocess.run(cmd, cwd=ROOT, stdout=log,
-                                                                       stderr=subprocess.STDOUT).returncode)), 0)
-            seconds = time.perf_counter() - start
-            if code != 0:
-                print(f"[rows] {table}/{row} seed {seed}: failed (exit {code}), see {run_dir / 'rows.log'}",
-                      flush=True)
-                continue
-            write_json_atomic(out, make_record(spec, table, row, seed, run_dir, seconds, cmds))
-            print(f"[rows] {table}/{row} seed {seed}: done in {seconds:.0f} s -> {out.relative_to(ROOT)}", flush=True)
+                say(f"{table}/{row} seed {seed}: recorded in {out.relative_to(ROOT)}")
+            else:
+                pending.append((row, seed))
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        results = list(pool.map(lambda rs: run_one(spec, table, *rs, work, extra or {}), pending))
+    return all(results)
+
+
+def parse_sets(items: list[str]) -> dict:
+    """``--set key=value`` options (value in YAML) as an overrides mapping."""
+    extra = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            sys.exit(f"rows.py: --set {item!r}: expected KEY=VALUE, e.g. --set trainer.num_threads=2")
+        extra[key] = yaml.safe_load(value)
+    return extra
 
 
 # --- tables ------------------------------------------------------------------------------------
 
 def records(table: str) -> dict[str, list[dict]]:
-    """The records of one table by row, rows in the order ``rows.yaml`` declares them."""
+    """The records of one table by row, rows in the order ``rows.yaml`` declares them; a ``same_as`` row
+    takes the other row's records under its own label."""
     by_row: dict[str, list[dict]] = {}
     for path in sorted((RESULTS / table).glob("*.json")):
         r = json.loads(path.read_text())
         by_row.setdefault(r["row"], []).append(r)
-    order = list(load_spec()["tables"][table]["rows"])
+    rows = load_spec()["tables"][table]["rows"]
+    for row, r in rows.items():
+        if r.get("same_as"):
+            other_table, other_row = r["same_as"].split("/")
+            others = records(other_table).get(other_row, [])
+            if others:
+                by_row[row] = [{**o, "label": r["label"]} for o in others]
+    order = list(rows)
     return dict(sorted(by_row.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
 
 
@@ -169,11 +225,27 @@ def losses_text(config: dict) -> str:
                      for name, opts in config["distill"]["losses"].items())
 
 
+def host(record: dict) -> str:
+    """The machine a row trained on, in a word: its GPU's name, else "CPU" (the hardware line names it)."""
+    return record["hardware"].get("gpu", "CPU").removeprefix("NVIDIA ")
+
+
+def per_host(rs: list[dict], value, fmt: str) -> str:
+    """Mean of ``value(record)`` per kind of machine, so that only like is averaged with like; records
+    without the value (older ones) are left out; the host is named unless every record ran on the CPU."""
+    by_host: dict[str, list[float]] = {}
+    for r in rs:
+        if (v := value(r)) is not None:
+            by_host.setdefault(host(r), []).append(v)
+    return ", ".join(format(statistics.mean(v), fmt) + ("" if list(by_host) == ["CPU"] else f" ({h})")
+                     for h, v in by_host.items()) or "-"
+
+
 def epoch_seconds(rs: list[dict]) -> str:
     """Training wall time per epoch (fit only: no partition, export or evaluation), over the epochs the
     last invocation trained (a resumed row trained fewer)."""
-    per_epoch = [r["distill"]["fit_seconds"] / r["distill"].get("fit_epochs", r["distill"]["epochs"]) for r in rs]
-    return f"{statistics.mean(per_epoch):.0f} s"
+    return per_host(rs, lambda r: r["distill"]["fit_seconds"] / r["distill"].get("fit_epochs", r["distill"]["epochs"]),
+                    ".0f") + " s"
 
 
 def sweep_table(spec: dict, table: str) -> list[str]:
@@ -220,6 +292,12 @@ def method_table(spec: dict, table: str) -> list[str]:
     return lines
 
 
+def bytes_sent(record: dict) -> int:
+    """Bytes between devices per inference; records older than the ``bytes_sent`` field are all star
+    topologies (every device sends its vector to the aggregator), where it is the devices' sum."""
+    return record.get("bytes_sent", sum(d["bytes_sent_per_inference"] for d in record["devices"]))
+
+
 def comparison_table(spec: dict, table: str) -> list[str]:
     """Every way to split the model, side by side: accuracy, the largest device's size, compute and ONNX
     Runtime time, what crosses the network, and what failures cost."""
@@ -228,10 +306,10 @@ def comparison_table(spec: dict, table: str) -> list[str]:
              "2 devices down (%) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row, rs in records(table).items():
         devices = rs[0]["devices"]
-        latency = statistics.mean(max(d["onnx_latency_ms"] for d in r["devices"]) for r in rs)
+        latency = per_host(rs, lambda r: max(d.get("onnx_latency_ms") or 0 for d in r["devices"]) or None, ".3f")
         lines.append(f"| {rs[0]['label']} | {len(devices)} | {pct([r['test_acc'] for r in rs])} | {len(rs)} | "
                      f"{max(d['params'] for d in devices):,} | {max(d['macs'] for d in devices) / 1e6:.2f} M | "
-                     f"{latency:.3f} | {rs[0]['bytes_sent']:,} B | {down_cell(rs, 1)} | {down_cell(rs, 2)} |")
+                     f"{latency} | {bytes_sent(rs[0]):,} B | {down_cell(rs, 1)} | {down_cell(rs, 2)} |")
     return lines
 
 
@@ -272,11 +350,16 @@ def main() -> None:
     run.add_argument("--seeds", help="comma-separated seeds (default: each row's own)")
     run.add_argument("--work", type=Path, default=ROOT / "runs" / "bench", help="where the run folders go")
     run.add_argument("--force", action="store_true", help="rerun rows that have a record")
+    run.add_argument("--parallel", type=int, default=1, help="rows run side by side (default 1)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="an override for every row of this invocation, e.g. trainer.num_threads=2")
     sub.add_parser("tables", help="rewrite the tables in benchmarks/README.md from the records")
     args = parser.parse_args()
     if args.command == "run":
-        run_rows(args.table, args.rows.split(",") if args.rows else None,
-                 [int(s) for s in args.seeds.split(",")] if args.seeds else None, args.work, args.force)
+        ok = run_rows(args.table, args.rows.split(",") if args.rows else None,
+                      [int(s) for s in args.seeds.split(",")] if args.seeds else None, args.work, args.force,
+                      args.parallel, parse_sets(args.set))
+        sys.exit(0 if ok else 1)
     else:
         render_tables()
 
