@@ -226,18 +226,20 @@ def losses_text(config: dict) -> str:
 
 
 def host(record: dict) -> str:
-    """The machine a row trained on, in a word: its GPU's name, else "CPU" (the hardware line names it)."""
-    return record["hardware"].get("gpu", "CPU").removeprefix("NVIDIA ")
+    """The machine a row ran on, in a word or two: "CPU", or the GPU host ("H100 host"); the table's
+    hardware line names each in full."""
+    gpu = record["hardware"].get("gpu")
+    return f"{gpu.removeprefix('NVIDIA ').split()[0]} host" if gpu else "CPU"
 
 
-def per_host(rs: list[dict], value, fmt: str) -> str:
-    """Mean of ``value(record)`` per kind of machine, so that only like is averaged with like; records
-    without the value (older ones) are left out; the host is named unless every record ran on the CPU."""
+def per_host(rs: list[dict], value, fmt: str, unit: str = "") -> str:
+    """Mean of ``value(record)`` per machine, so that only like is averaged with like (records without
+    the value, older ones, are left out); the machine is named unless every record ran on the CPU."""
     by_host: dict[str, list[float]] = {}
     for r in rs:
         if (v := value(r)) is not None:
             by_host.setdefault(host(r), []).append(v)
-    return ", ".join(format(statistics.mean(v), fmt) + ("" if list(by_host) == ["CPU"] else f" ({h})")
+    return ", ".join(format(statistics.mean(v), fmt) + unit + ("" if list(by_host) == ["CPU"] else f" ({h})")
                      for h, v in by_host.items()) or "-"
 
 
@@ -245,7 +247,7 @@ def epoch_seconds(rs: list[dict]) -> str:
     """Training wall time per epoch (fit only: no partition, export or evaluation), over the epochs the
     last invocation trained (a resumed row trained fewer)."""
     return per_host(rs, lambda r: r["distill"]["fit_seconds"] / r["distill"].get("fit_epochs", r["distill"]["epochs"]),
-                    ".0f") + " s"
+                    ".0f", " s")
 
 
 def sweep_table(spec: dict, table: str) -> list[str]:

@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
         "limit_train_batches": None,  # cap batches per epoch (tests, quick profiles)
         "limit_val_batches": None,
         "progress_bar": True,
+        "test": True,                # test the best checkpoint after each training stage; false for runs that
+                                     # choose by validation (sweeps), so that they never read the test set
     },
     "teacher": {
         "arch": "wrn_16_2",

@@ -72,20 +72,25 @@ def work_dir(ctx: Context, stage: str, final: Path) -> Path:
 
 def train_and_test(ctx: Context, tracker: Tracker, stage: str, module: pl.LightningModule, dm: ImageDataModule,
                     epochs: int, what: str) -> tuple[Path, dict]:
-    """Fit, then test the best checkpoint (validation picked it; the test set is only reported)."""
+    """Fit, then test the best checkpoint (validation picked it; the test set is only reported), unless
+    ``trainer.test`` is off: a run that chooses by validation never reads the test set (test_acc None)."""
     final = ctx.run_dir / STAGE_DIRS[stage]
     work = work_dir(ctx, stage, final)
     start = time.perf_counter()
     trainer, checkpoint, fit_epochs = fit(ctx, work, module, dm, epochs, tracker, stage)
     fit_seconds = time.perf_counter() - start
-    tested = trainer.test(module, datamodule=dm, ckpt_path=str(work / "best.ckpt"), verbose=False,
-                          weights_only=True)
+    acc = None
+    if ctx.config["trainer"]["test"]:
+        tested = trainer.test(module, datamodule=dm, ckpt_path=str(work / "best.ckpt"), verbose=False,
+                              weights_only=True)
+        acc = float(tested[0]["test/acc"])
+        tracker.summary({f"{stage}/test_acc": acc})
     if work != final and not is_worker():
         swap_in(work, final)  # the previous result is removed only now that its replacement is complete
     sync_processes()
     best = final / "best.ckpt"
-    acc = float(tested[0]["test/acc"])
-    tracker.summary({f"{stage}/test_acc": acc})
-    print(f"[nonn] {stage}: {what} test accuracy {acc:.4f} ({best})")
-    return best, {"test_acc": acc, "best_val_acc": float(checkpoint.best_model_score), "epochs": epochs,
+    score = float(checkpoint.best_model_score)
+    print(f"[nonn] {stage}: {what} " + (f"test accuracy {acc:.4f}" if acc is not None else
+                                        f"best validation accuracy {score:.4f} (trainer.test: false)") + f" ({best})")
+    return best, {"test_acc": acc, "best_val_acc": score, "epochs": epochs,
                   "precision": str(trainer.precision), "fit_seconds": round(fit_seconds, 1), "fit_epochs": fit_epochs}

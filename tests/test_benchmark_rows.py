@@ -79,3 +79,47 @@ def test_comparison_table_renders_every_column_from_records(tmp_path, monkeypatc
     lines = readme.read_text().splitlines()
     assert "| VP | 2 | 90.00 | 1 | 1,000 | 2.00 M | 0.500 | 48 B | 85.00 | no device left |" in lines
     assert "| MP | 2 | 90.00 | 1 | 1,000 | 2.00 M | 2.000 | 50,176 B | no answer | no device left |" in lines
+
+
+def test_same_as_row_shows_the_other_tables_records_and_is_never_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rows, "RESULTS", tmp_path / "results")
+    spec = {"tables": {"methods": {"kind": "methods", "rows": {"kd": {"label": "KD", "config": "c.yaml"}}},
+                       "comparison": {"kind": "comparison", "rows": {
+                           "single_kd": {"label": "single KD", "config": "c.yaml", "same_as": "methods/kd"}}}}}
+    monkeypatch.setattr(rows, "load_spec", lambda: spec)
+    path = rows.record_path("methods", "kd", 0)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"row": "kd", "label": "KD", "seed": 0, "test_acc": 0.9}))
+    shown = rows.records("comparison")
+    assert list(shown) == ["single_kd"] and shown["single_kd"][0]["label"] == "single KD"
+    assert shown["single_kd"][0]["test_acc"] == 0.9
+    monkeypatch.setattr(rows, "run_one", lambda *a: pytest.fail("a same_as row was run"))
+    assert rows.run_rows("comparison", None, None, tmp_path / "work", force=False)
+    assert "the records of methods/kd" in capsys.readouterr().out
+
+
+def test_parallel_runs_every_pending_row_once_with_the_extra_overrides(tmp_path, monkeypatch):
+    monkeypatch.setattr(rows, "RESULTS", tmp_path / "results")
+    ran = []
+
+    def run_one(spec, table, row, seed, work, extra):
+        ran.append((row, seed, extra))
+        return row != "kd_total"  # this row fails
+
+    monkeypatch.setattr(rows, "run_one", run_one)
+    assert not rows.run_rows("methods", ["nonn_k2", "kd_total"], [0, 1], tmp_path, force=False, parallel=3,
+                             extra=rows.parse_sets(["trainer.num_threads=2"])), "a failed row fails the run"
+    assert sorted(ran) == [(r, s, {"trainer.num_threads": 2}) for r in ("kd_total", "nonn_k2") for s in (0, 1)]
+
+
+def test_set_without_a_value_is_refused_in_one_line():
+    with pytest.raises(SystemExit, match="--set 'trainer.num_threads': expected KEY=VALUE"):
+        rows.parse_sets(["trainer.num_threads"])
+
+
+def test_cells_average_only_like_machines():
+    cpu, gpu = {"cpu": "X", "cpu_cores": 2}, {"cpu": "X", "cpu_cores": 16, "gpu": "NVIDIA H100 80GB HBM3"}
+    rs = [{"hardware": cpu, "distill": {"fit_seconds": 300.0, "epochs": 15, "fit_epochs": 10}},
+          {"hardware": gpu, "distill": {"fit_seconds": 150.0, "epochs": 15}}]
+    assert rows.epoch_seconds(rs) == "30 s (CPU), 10 s (H100 host)"
+    assert rows.epoch_seconds(rs[:1]) == "30 s"

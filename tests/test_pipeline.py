@@ -191,3 +191,20 @@ def test_export_uses_the_filter_lists_the_students_were_trained_on(finished_run,
     ctx = Context(load_config(TINY), run_dir)
     with pytest.raises(RuntimeError, match="no longer lists the filters the students"):
         load_trained(ctx, ctx.datamodule())  # the checkpoint itself knows its filter lists
+
+
+def test_validation_only_training_never_reads_the_test_set(finished_run, tmp_path, monkeypatch, capsys):
+    """A sweep chooses by validation: with trainer.test false the distill stage trains and records its best
+    validation accuracy without asking the data module for the test set."""
+    from distill.data import ImageDataModule
+
+    def refuse(self):
+        raise AssertionError("the test set was read")
+
+    monkeypatch.setattr(ImageDataModule, "test_dataloader", refuse)
+    run_dir = copy_run(finished_run, tmp_path)
+    assert main(["distill", "--config", str(TINY), "--run-dir", str(run_dir), "--distill.epochs", "1",
+                 "--trainer.test", "false"]) == 0
+    results = json.loads((run_dir / "stages" / "distill.json").read_text())["results"]
+    assert results["test_acc"] is None and 0 < results["best_val_acc"] <= 1
+    assert "(trainer.test: false)" in capsys.readouterr().out
