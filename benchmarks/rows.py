@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -300,6 +300,12 @@ def bytes_sent(record: dict) -> int:
     return record.get("bytes_sent", sum(d["bytes_sent_per_inference"] for d in record["devices"]))
 
 
+def largest_device_latency(record: dict) -> float | None:
+    """The largest device's ONNX Runtime time; None in records older than that measurement."""
+    values = [d.get("onnx_latency_ms") for d in record["devices"]]
+    return None if None in values else max(values)
+
+
 def comparison_table(spec: dict, table: str) -> list[str]:
     """Every way to split the model, side by side: accuracy, the largest device's size, compute and ONNX
     Runtime time, what crosses the network, and what failures cost."""
@@ -308,7 +314,7 @@ def comparison_table(spec: dict, table: str) -> list[str]:
              "2 devices down (%) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row, rs in records(table).items():
         devices = rs[0]["devices"]
-        latency = per_host(rs, lambda r: max(d.get("onnx_latency_ms") or 0 for d in r["devices"]) or None, ".3f")
+        latency = per_host(rs, largest_device_latency, ".3f")
         lines.append(f"| {rs[0]['label']} | {len(devices)} | {pct([r['test_acc'] for r in rs])} | {len(rs)} | "
                      f"{max(d['params'] for d in devices):,} | {max(d['macs'] for d in devices) / 1e6:.2f} M | "
                      f"{latency} | {bytes_sent(rs[0]):,} B | {down_cell(rs, 1)} | {down_cell(rs, 2)} |")

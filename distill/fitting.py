@@ -90,7 +90,8 @@ def train_and_test(ctx: Context, tracker: Tracker, stage: str, module: pl.Lightn
     sync_processes()
     best = final / "best.ckpt"
     score = float(checkpoint.best_model_score)
-    print(f"[nonn] {stage}: {what} " + (f"test accuracy {acc:.4f}" if acc is not None else
-                                        f"best validation accuracy {score:.4f} (trainer.test: false)") + f" ({best})")
+    shown = (f"test accuracy {acc:.4f}" if acc is not None
+             else f"best validation accuracy {score:.4f} (trainer.test: false)")
+    print(f"[nonn] {stage}: {what} {shown} ({best})")
     return best, {"test_acc": acc, "best_val_acc": score, "epochs": epochs,
                   "precision": str(trainer.precision), "fit_seconds": round(fit_seconds, 1), "fit_epochs": fit_epochs}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from distill.modules import NoNNModule
 from methods.base import register
 from methods.nonn import NoNN
-from students.unified import UnifiedStudent, device_archs
+from students.unified import UnifiedStudent
 
 
 @register
@@ -42,7 +42,7 @@ class LCP(NoNN):
                           self.channels_last, plan)
 
     def device_entries(self, plan: dict) -> list[dict]:
-        return [{"arch": arch} for arch in device_archs(self.config["distill"]["students"], len(plan["widths"]))]
+        return [{"arch": arch} for arch in self.archs(len(plan["widths"]))]
 
     def describe(self, plan: dict) -> dict:
         return {"branch_widths": plan["widths"]}

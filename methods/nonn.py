@@ -31,6 +31,10 @@ class NoNN(Method):
             raise RuntimeError(f"{self.setting.run_dir / 'partition' / 'partition.json'} no longer lists the filters "
                                "the students were trained on; rerun `nonn distill` (or `nonn run`)")
 
+    def archs(self, k: int) -> list[str]:
+        """One architecture per device, from ``distill.students``."""
+        return device_archs(self.config["distill"]["students"], k)
+
     def build(self, plan: dict) -> UnifiedStudent:
         return self._build([len(p) for p in plan["partitions"]])
 
@@ -46,7 +50,7 @@ class NoNN(Method):
 
     def device_entries(self, plan: dict) -> list[dict]:
         return [{"arch": arch, "teacher_filters": list(p)}
-                for arch, p in zip(device_archs(self.config["distill"]["students"], len(plan["partitions"])), plan["partitions"])]
+                for arch, p in zip(self.archs(len(plan["partitions"])), plan["partitions"])]
 
     def describe(self, plan: dict) -> dict:
         return {"partition_mode": self.config["partition"]["mode"],
