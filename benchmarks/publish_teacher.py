@@ -31,6 +31,10 @@ def main() -> None:
     parser.add_argument("--trained-at", required=True, help="git commit of the code that trained it")
     parser.add_argument("--seconds", type=float, help="training wall time, where the run did not record it")
     args = parser.parse_args()
+    results = read_json(args.run_dir / "stages" / "teacher.json", "teacher record")["results"]
+    if results.get("test_acc") is None:  # checked before anything is written
+        sys.exit(f"publish_teacher.py: {args.run_dir} trained its teacher with trainer.test: false; a committed "
+                 "teacher records its test accuracy: rerun `nonn teacher` there with --trainer.test true --force")
     ckpt = torch.load(args.run_dir / "teacher" / "best.ckpt", map_location="cpu", weights_only=True)
     weights = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     buffer = io.BytesIO()  # saved via a buffer: the zip's inner names then never depend on a temporary file name
@@ -38,7 +42,6 @@ def main() -> None:
     with atomic_path(args.out) as tmp:
         tmp.write_bytes(buffer.getvalue())
     config = yaml.safe_load((args.run_dir / "config.yaml").read_text())
-    results = read_json(args.run_dir / "stages" / "teacher.json", "teacher record")["results"]
     write_json_atomic(args.out.with_suffix(".json"), {
         "file": args.out.name, "sha256": sha256_file(args.out), "arch": config["teacher"]["arch"],
         "dataset": config["data"]["dataset"], "data": config["data"], "teacher": config["teacher"],

@@ -18,3 +18,18 @@ def test_committed_teacher_matches_its_record_and_loads():
     assert record["test_acc"] >= 0.94 and record["arch"] == "wrn_16_2"
     model = build_model(record["arch"], 1, 10, [0.0], [1.0])
     load_weights(model, path, "model.", "teacher")  # strict: every weight present, nothing extra
+
+
+def test_publishing_a_teacher_without_a_test_accuracy_is_refused_before_anything_is_written(tmp_path):
+    """A teacher trained with trainer.test: false has no test accuracy to record: one line, no files."""
+    import subprocess
+    import sys
+
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "teacher.json").write_text(json.dumps({"results": {"test_acc": None,
+                                                                              "best_val_acc": 0.9}}))
+    out = tmp_path / "published" / "t.ckpt"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "publish_teacher.py"), str(tmp_path), str(out),
+                           "--command", "nonn teacher", "--trained-at", "abc"], capture_output=True, text=True)
+    assert done.returncode == 1 and "trainer.test: false" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not out.parent.exists()
