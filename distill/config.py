@@ -19,10 +19,12 @@ DEFAULTS: dict[str, Any] = {
     "method": "nonn",            # how the model is split across devices: nonn | single | lcp | vp | cp | mp (methods/)
     "method_options": {},        # <method>: {option: value}; each method's options and defaults are in its file
     "data": {
-        "dataset": "fashion_mnist",  # fashion_mnist | cifar10 | cifar100 | synthetic
-        "data_dir": None,            # where the files are / go; default: the dataset's standard place
+        "dataset": "fashion_mnist",  # fashion_mnist | cifar10 | cifar100 | imagefolder | synthetic
+        "data_dir": None,            # where the files are / go; default: the dataset's standard place. cifar10/100
+                                     # also read an image-folder copy (a folder or .zip of train/<class>/,
+                                     # test/<class>/); imagefolder needs it (optional val/<class>/ = validation)
         "download": True,            # fetch the official files (checksummed) when none are found
-        "val_size": 5000,            # images held out of the training set
+        "val_size": 5000,            # images held out of the training set (unless the data set has a val split)
         "split_seed": 0,             # seeds the train/validation split; fixed apart from the run's seed so that
                                      # every run (and every seed) splits the data as the teacher did
         "train_subset": None,        # use only this many training images (quick profiles)

@@ -84,15 +84,19 @@ class ImageDataModule(pl.LightningDataModule):
             return
         raw = load_raw(self.cfg, int(self.cfg["split_seed"]))  # the data config alone fixes the data
         n = len(raw.train_labels)
-        val_size = int(self.cfg["val_size"])
-        if not 0 < val_size < n:
-            raise ValueError(f"data.val_size = {val_size} must be between 1 and {n - 1} (training set size - 1)")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(int(self.cfg["split_seed"])))
-        val_idx, train_idx = order[:val_size], order[val_size:]
+        if raw.val_images is not None:  # the data set's own validation split (data.val_size does not apply)
+            train_idx = torch.arange(n)
+            self.val = (raw.val_images, raw.val_labels)
+        else:
+            val_size = int(self.cfg["val_size"])
+            if not 0 < val_size < n:
+                raise ValueError(f"data.val_size = {val_size} must be between 1 and {n - 1} (training set size - 1)")
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(int(self.cfg["split_seed"])))
+            val_idx, train_idx = order[:val_size], order[val_size:]
+            self.val = (raw.train_images[val_idx], raw.train_labels[val_idx])
         if self.cfg["train_subset"]:
             train_idx = train_idx[: int(self.cfg["train_subset"])]
         self.train = (raw.train_images[train_idx], raw.train_labels[train_idx])
-        self.val = (raw.train_images[val_idx], raw.train_labels[val_idx])
         test_n = self.cfg["test_subset"] or len(raw.test_labels)
         self.test = (raw.test_images[:test_n], raw.test_labels[:test_n])
         pixels = self.train[0].float().div(255.0)

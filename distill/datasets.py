@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill.imagefolder import ImageFolderError, is_image_folder, read_image_folder
 from distill.io import atomic_path, sha256_file
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -52,6 +53,7 @@ class CifarArchive:
     meta_member: str
     names_key: bytes
     member_md5: dict[str, str]  # the md5 the CIFAR page publishes per member, checked on every read
+    num_classes: int
 
 
 CIFAR_ARCHIVES = {
@@ -62,14 +64,14 @@ CIFAR_ARCHIVES = {
         {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
          "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
          "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
-         "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}),
+         "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}, 10),
     "cifar100": CifarArchive(
         "cifar-100-python.tar.gz", "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
         "cifar-100-python", b"fine_labels", ("train",), "test", "meta", b"fine_label_names",
         {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
-         "meta": "7973b15100ade9c7d40fb424638fde48"}),
+         "meta": "7973b15100ade9c7d40fb424638fde48"}, 100),
 }
-DATASETS = ("fashion_mnist", *CIFAR_ARCHIVES, "synthetic")  # the names data.dataset takes
+DATASETS = ("fashion_mnist", *CIFAR_ARCHIVES, "imagefolder", "synthetic")  # the names data.dataset takes
 
 
 class DataError(RuntimeError):
@@ -83,6 +85,11 @@ class RawSplits:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     class_names: list[str]
+    val_images: torch.Tensor | None = None  # a validation split of its own; None: split one off the training set
+    val_labels: torch.Tensor | None = None
+
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_images.shape[1:])
 
 
 def download(url: str, dest: Path, sha256: str) -> Path:
@@ -168,12 +175,32 @@ def load_fashion_mnist(data_dir: Path | None, allow_download: bool) -> RawSplits
                      list(FASHION_MNIST_CLASSES))
 
 
-def load_cifar(name: str, data_dir: Path | None, allow_download: bool) -> RawSplits:
-    """CIFAR-10/100 from the official python tarball (extracted folder or .tar.gz).
+def load_image_folder(path: Path) -> RawSplits:
+    """A folder or .zip of ``train/<class>/*``, ``test/<class>/*`` (and optionally ``val/<class>/*``)."""
+    try:
+        splits = read_image_folder(path)
+    except ImageFolderError as e:
+        raise DataError(str(e)) from e
+    tensors = {split: (torch.from_numpy(splits.images[split]), torch.from_numpy(splits.labels[split]))
+               for split in splits.images}
+    val = tensors.get("val", (None, None))
+    return RawSplits(*tensors["train"], *tensors["test"], splits.class_names, *val)
 
-    Every member is md5-checked before it is unpickled, so only the official bytes reach pickle.
+
+def load_cifar(name: str, data_dir: Path | None, allow_download: bool) -> RawSplits:
+    """CIFAR-10/100 from the official python tarball (extracted folder or .tar.gz), or from an image-folder
+    copy (a folder or .zip of class folders named as the official labels, which sort in label order).
+
+    Every tarball member is md5-checked before it is unpickled, so only the official bytes reach pickle.
     """
     spec = CIFAR_ARCHIVES[name]
+    if data_dir is not None and is_image_folder(data_dir):
+        raw = load_image_folder(data_dir)
+        if len(raw.class_names) != spec.num_classes or raw.image_shape() != (3, 32, 32):
+            raise DataError(f"{data_dir}: {len(raw.class_names)} classes of {raw.image_shape()} images, but {name} "
+                            f"has {spec.num_classes} classes of 3x32x32 images; use data.dataset: imagefolder "
+                            "for other image folders")
+        return raw
     root = data_dir or Path("data") / name
     archive = root / spec.tarball
     if not (root / spec.folder).is_dir() and not archive.exists():
@@ -241,6 +268,11 @@ def load_raw(data_cfg: dict, seed: int) -> RawSplits:
         raw = load_fashion_mnist(data_dir, data_cfg["download"])
     elif name in CIFAR_ARCHIVES:
         raw = load_cifar(name, data_dir, data_cfg["download"])
+    elif name == "imagefolder":
+        if data_dir is None:
+            raise DataError("data.dataset: imagefolder needs data.data_dir: a folder or .zip holding "
+                            "train/<class>/ and test/<class>/")
+        raw = load_image_folder(data_dir)
     elif name == "synthetic":
         raw = make_synthetic(seed=seed, **data_cfg["synthetic"])
     else:
@@ -252,7 +284,7 @@ def load_raw(data_cfg: dict, seed: int) -> RawSplits:
 def _check_labels(raw: RawSplits, name: str) -> None:
     """Labels outside 0..classes-1 would only fail mid-training; refuse them when the data is read."""
     classes = len(raw.class_names)
-    for split, labels in (("train", raw.train_labels), ("test", raw.test_labels)):
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+    for split, labels in (("train", raw.train_labels), ("test", raw.test_labels), ("val", raw.val_labels)):
+        if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
             raise DataError(f"{name} {split} labels span {int(labels.min())}..{int(labels.max())} but the dataset "
                             f"has {classes} classes; the files are corrupt or not {name}")
