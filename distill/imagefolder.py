@@ -43,10 +43,12 @@ class _Source:
         self.path = path
         self.zip = zipfile.ZipFile(path) if path.is_file() else None
         if self.zip is not None:
-            self.files = [n for n in self.zip.namelist() if not n.endswith("/")]
+            names = self.zip.namelist()
         else:
-            self.files = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
-        self.files = [f for f in self.files if not any(part.startswith((".", "__MACOSX")) for part in f.split("/"))]
+            names = [p.relative_to(path).as_posix() + "/" * p.is_dir() for p in path.rglob("*")]
+        names = [n for n in names if not any(part.startswith((".", "__MACOSX")) for part in n.split("/"))]
+        self.files = [n for n in names if not n.endswith("/")]
+        self.folders = [n.rstrip("/") for n in names if n.endswith("/")]  # empty ones too
 
     def read(self, name: str) -> bytes:
         return self.zip.read(name) if self.zip is not None else (self.path / name).read_bytes()
@@ -71,6 +73,10 @@ def _layout(source: _Source) -> dict[str, dict[str, list[str]]]:
                                "image-folder data set holds train/<class>/*.jpg and test/<class>/*.jpg")
     root = found[0]
     splits: dict[str, dict[str, list[str]]] = {}
+    for folder in source.folders:
+        parts = PurePosixPath(folder[len(root):]).parts if folder.startswith(root) else ()
+        if len(parts) == 2 and parts[0] in SPLITS:
+            splits.setdefault(parts[0], {}).setdefault(parts[1], [])
     for name in source.files:
         if not name.startswith(root):
             continue
