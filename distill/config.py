@@ -50,6 +50,8 @@ DEFAULTS: dict[str, Any] = {
         "limit_train_batches": None,  # cap batches per epoch (tests, quick profiles)
         "limit_val_batches": None,
         "progress_bar": True,
+        "profile": False,            # time every training hook (Lightning's SimpleProfiler): <stage>/profile.json
+                                     # and profile-fit.txt; benchmarks/profile_epoch.py turns it into a table
         "test": True,                # test the best checkpoint after each training stage; false for runs that
                                      # choose by validation (sweeps), so that they never read the test set
     },
@@ -92,6 +94,10 @@ DEFAULTS: dict[str, Any] = {
             "filter_transfer_per_student": {"beta": 1.0e4},
         },
         "student_dropout": 0.0,      # probability of dropping each student's vector in training
+        "teacher_pool": {            # the teacher's outputs computed once for V stored views per training image
+            "views": 0,              # V; 0 = off (the teacher runs on every step); see distill/pool.py
+            "seed": 0,               # seeds the stored views (not the run's seed: every seed can share one pool)
+        },
     },
     "export": {
         "transport": "fp32",         # fp32 | fp16 | int8: how device vectors travel
@@ -278,7 +284,8 @@ RANGES = {
     **{k: (_positive, "above 0") for k in ("teacher.lr", "distill.lr", "partition.resolution",
                                            "deploy.deadline_ms")},
     **{k: (_non_negative, "0 or more") for k in ("teacher.weight_decay", "distill.weight_decay",
-                                                 "deploy.drill_images", "deploy.drill_device")},
+                                                 "deploy.drill_images", "deploy.drill_device",
+                                                 "distill.teacher_pool.views", "distill.teacher_pool.seed")},
     **{k: (_unit_interval, "in [0, 1)") for k in ("teacher.momentum", "distill.momentum",
                                                    "distill.student_dropout")},
     "partition.percentile": (lambda v: 0 <= v < 100, "in [0, 100)"),
@@ -287,9 +294,9 @@ RANGES = {
 
 def _check_ranges(config: dict) -> None:
     for dotted, (ok, what) in RANGES.items():
-        section, key = dotted.split(".")
-        if not ok(config[section][key]):
-            raise ConfigError(f"{dotted} = {config[section][key]!r}: must be {what}")
+        value = select(config, dotted)
+        if not ok(value):
+            raise ConfigError(f"{dotted} = {value!r}: must be {what}")
 
 
 def _check_components(config: dict) -> None:
@@ -357,6 +364,14 @@ def _check_choices(config: dict) -> None:
         section, key = dotted.split(".")
         if config[section][key] not in allowed:
             raise ConfigError(f"{dotted} = {config[section][key]!r}; choose one of {', '.join(allowed)}")
+
+
+def select(config: dict, dotted: str) -> Any:
+    """The value at a dotted key: ``select(config, "distill.teacher_pool.views")``."""
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
 
 
 def run_dir_of(config: dict) -> Path:

@@ -10,27 +10,14 @@ from typing import Iterator
 import pytorch_lightning as pl
 import torch
 
+from distill.augment import apply_views, augment_batch
 from distill.datasets import RawSplits, load_raw
-
-
-def augment_batch(x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip, per image, for a whole batch."""
-    n, c, h, w = x.shape
-    if padding > 0:
-        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-        dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)
-        dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)
-        rows = (dy + torch.arange(h)).view(n, 1, h, 1)
-        cols = (dx + torch.arange(w)).view(n, 1, 1, w)
-        x = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
-    if hflip:
-        flip = torch.rand(n, generator=generator) < 0.5
-        x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
-    return x
+from distill.pool import TeacherPool
 
 
 class TensorBatches:
-    """An iterable of (images in [0, 1], labels) batches over tensors held in memory.
+    """An iterable of (images in [0, 1], labels) batches over tensors held in memory; with a teacher
+    ``pool``, (images, labels, teacher targets) batches of the pool's stored views.
 
     Under data-parallel training (``world`` processes) process ``rank`` reads only its own shard,
     every ``world``-th image of the (shuffled) order, as a DistributedSampler would; all ranks
@@ -39,7 +26,7 @@ class TensorBatches:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
                  padding: int = 0, hflip: bool = False, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, pool: TeacherPool | None = None) -> None:
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside a world of {world} processes")
         self.images, self.labels = images, labels
@@ -47,6 +34,7 @@ class TensorBatches:
         self.padding, self.hflip = padding, hflip
         self.seed, self.epoch = seed, 0
         self.rank, self.world = rank, world
+        self.pool = pool
 
     def _shard_size(self) -> int:
         n = len(self.labels)
@@ -66,6 +54,10 @@ class TensorBatches:
         for b in range(len(self)):
             idx = order[b * self.batch_size: (b + 1) * self.batch_size]
             x = self.images[idx].float().div_(255.0)
+            if self.pool is not None:  # one stored view per image, with the teacher's outputs for it
+                params, targets = self.pool.lookup(idx, torch.randint(0, self.pool.views, (len(idx),), generator=g))
+                yield apply_views(x, params, self.padding), self.labels[idx], targets
+                continue
             if augment:
                 x = augment_batch(x, self.padding, self.hflip, g)
             yield x, self.labels[idx]
@@ -78,6 +70,13 @@ class ImageDataModule(pl.LightningDataModule):
         super().__init__()
         self.cfg, self.seed = data_cfg, seed
         self.raw: RawSplits | None = None
+        self.pool: TeacherPool | None = None  # training batches come with the teacher's stored outputs
+
+    def use_pool(self, pool: TeacherPool | None) -> None:
+        if pool is not None and pool.params.shape[0] != len(self.train[1]):
+            raise ValueError(f"{pool.folder} holds {pool.params.shape[0]} images, the training split "
+                             f"{len(self.train[1])}")
+        self.pool = pool
 
     def setup(self, stage: str | None = None) -> None:
         if self.raw is not None:
@@ -123,7 +122,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> TensorBatches:
         return TensorBatches(*self.train, self.cfg["batch_size"], shuffle=True, padding=self.cfg["crop_padding"],
-                             hflip=self.cfg["hflip"], seed=self.seed, drop_last=True, **self._shard())
+                             hflip=self.cfg["hflip"], seed=self.seed, drop_last=True, pool=self.pool, **self._shard())
 
     def val_dataloader(self) -> TensorBatches:
         return TensorBatches(*self.val, self.cfg["eval_batch_size"], **self._shard())

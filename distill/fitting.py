@@ -2,17 +2,19 @@
 true last epoch, and a fresh folder that replaces the finished result only on success."""
 from __future__ import annotations
 
+import resource
 import shutil
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.profilers import SimpleProfiler
 
 from distill.checkpoints import checkpoint_epoch
 from distill.context import Context
 from distill.data import ImageDataModule
-from distill.io import restore_interrupted_swap, swap_in, write_text_atomic
+from distill.io import restore_interrupted_swap, swap_in, write_json_atomic, write_text_atomic
 from distill.precision import resolve_precision
 from distill.ranks import is_worker, sync_processes
 from distill.records import fingerprint
@@ -40,6 +42,7 @@ def fit(ctx: Context, stage_dir: Path, module: pl.LightningModule, dm: ImageData
     every_epoch = ModelCheckpoint(dirpath=stage_dir, filename="last", monitor=None, save_top_k=1,
                                   enable_version_counter=False)
     tc = ctx.config["trainer"]
+    profiler = SimpleProfiler(dirpath=stage_dir, filename="profile") if tc["profile"] else None
     trainer = pl.Trainer(max_epochs=epochs, accelerator=tc["accelerator"], devices=tc["processes"],
                          strategy=tc["strategy"], num_nodes=tc["num_nodes"],
                          precision=resolve_precision(tc["precision"], tc["accelerator"]),
@@ -47,10 +50,13 @@ def fit(ctx: Context, stage_dir: Path, module: pl.LightningModule, dm: ImageData
                          callbacks=[checkpoint, every_epoch], enable_progress_bar=ctx.progress,
                          enable_model_summary=False, limit_train_batches=tc["limit_train_batches"],
                          limit_val_batches=tc["limit_val_batches"], num_sanity_val_steps=0, log_every_n_steps=10,
-                         default_root_dir=str(stage_dir))
+                         default_root_dir=str(stage_dir), profiler=profiler)
     if resume:
         print(f"[nonn] {stage}: resuming from {last}")
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
+    if profiler is not None and not is_worker():
+        write_json_atomic(stage_dir / "profile.json", {action: {"seconds": round(sum(d), 3), "calls": len(d)}
+                                                        for action, d in profiler.recorded_durations.items()})
     return trainer, checkpoint, epochs - (resumed_epoch + 1 if resume else 0)
 
 
@@ -94,4 +100,6 @@ def train_and_test(ctx: Context, tracker: Tracker, stage: str, module: pl.Lightn
              else f"best validation accuracy {score:.4f} (trainer.test: false)")
     print(f"[nonn] {stage}: {what} {shown} ({best})")
     return best, {"test_acc": acc, "best_val_acc": score, "epochs": epochs,
-                  "precision": str(trainer.precision), "fit_seconds": round(fit_seconds, 1), "fit_epochs": fit_epochs}
+                  "precision": str(trainer.precision), "fit_seconds": round(fit_seconds, 1), "fit_epochs": fit_epochs,
+                  # the process's peak resident memory so far (Linux reports KiB), data and any pool pages included
+                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

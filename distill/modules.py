@@ -1,6 +1,7 @@
 """Lightning modules: the teacher classifier, what every method's training shares, and NoNN's students."""
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import pytorch_lightning as pl
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.losses import DistillBatch, build_losses
+from distill.pool import TeacherTargets
 from students.networks import FeatureClassifier
 from students.unified import UnifiedStudent
 
@@ -102,6 +104,23 @@ class DistillModule(_SupervisedModule):
             logits = self.teacher.fc(fmap.mean(dim=(2, 3)))
         return fmap.clone(), logits.clone()  # clones are ordinary tensors that autograd may save
 
+    def teacher_targets(self, x: torch.Tensor, pooled: Sequence[TeacherTargets]) -> TeacherTargets | None:
+        """What the losses read of the teacher: the pool's stored outputs when the batch carries them
+        (``x, y, targets``), else the live teacher's; None when no loss reads the teacher."""
+        if self.teacher is None:
+            return None
+        if pooled:
+            return pooled[0]
+        profiler = self._trainer.profiler if self._trainer is not None else None
+        with profiler.profile("teacher_forward") if profiler is not None else contextlib.nullcontext():
+            fmap, logits = self.teacher_outputs(x)
+        return TeacherTargets(logits, fmap, None)
+
+    def pool_filters(self) -> list[int] | None:
+        """The teacher filters whose final-map channels the losses read, in the order a pool stores
+        them (None: the losses read only the teacher's logits)."""
+        return None
+
 
 class NoNNModule(DistillModule):
     """K students + shared classifier trained jointly, against a frozen teacher when a loss reads it
@@ -121,6 +140,7 @@ class NoNNModule(DistillModule):
         for i, p in enumerate(partitions):
             self.register_buffer(f"partition_{i}", torch.tensor(list(p), dtype=torch.long), persistent=False)
         self.num_partitions = len(partitions)  # 0 when no loss reads the teacher's filters (LCP)
+        self._pooled_partitions: dict[tuple[int, ...], list[torch.Tensor]] = {}
         self.num_students = len(student.devices)
         self.solo_acc = torch.nn.ModuleList(MulticlassAccuracy(num_classes, average="micro")
                                             for _ in range(self.num_students))
@@ -133,16 +153,33 @@ class NoNNModule(DistillModule):
     def partitions(self) -> list[torch.Tensor]:
         return [getattr(self, f"partition_{i}") for i in range(self.num_partitions)]
 
+    def pool_filters(self) -> list[int] | None:
+        if not any(loss.reads_maps for loss in self.losses.values()):
+            return None
+        return [int(f) for p in self.partitions for f in p.tolist()]
+
+    def _partitions_in(self, map_filters: list[int] | None) -> list[torch.Tensor]:
+        """Each partition's channels in a teacher map that holds ``map_filters`` (None: all filters)."""
+        if map_filters is None:
+            return self.partitions
+        key = tuple(map_filters)
+        if key not in self._pooled_partitions:
+            where = {f: j for j, f in enumerate(map_filters)}
+            self._pooled_partitions[key] = [torch.tensor([where[int(f)] for f in p.tolist()], device=p.device)
+                                            for p in self.partitions]
+        return self._pooled_partitions[key]
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y, *pooled = batch
         x = self._input(x)
-        teacher_map, teacher_logits = self.teacher_outputs(x) if self.teacher is not None else (None, None)
+        t = self.teacher_targets(x, pooled)
         maps = self.student.forward_maps(x)
         drop = None
         if self.student_dropout > 0:
             drop = torch.rand(x.shape[0], self.num_students, device=x.device) < self.student_dropout
         logits = self.student.logits_from_maps(maps, drop)
-        b = DistillBatch(logits, teacher_logits, maps, teacher_map, self.partitions, y)
+        b = DistillBatch(logits, None if t is None else t.logits, maps, None if t is None else t.fmap,
+                         self._partitions_in(None if t is None else t.map_filters), y)
         parts = {name: loss(b) for name, loss in self.losses.items()}
         total = torch.stack(list(parts.values())).sum()
         self.log_dict({f"train/{k}": v for k, v in parts.items()})

@@ -8,7 +8,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from distill.config import dump_config
+from distill.config import dump_config, select
 from distill.context import Context
 from distill.io import sha256_file, write_json_atomic, write_text_atomic
 from distill.ranks import is_worker
@@ -33,13 +33,6 @@ def fingerprint(ctx: Context, stage: str) -> str:
         record = read_record(ctx, upstream)
         parts["upstream"] = {k: record[k] for k in ("outputs", "results")} if record else None
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def select(config: dict, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 def read_record(ctx: Context, stage: str) -> dict | None:

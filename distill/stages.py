@@ -15,10 +15,12 @@ import pytorch_lightning as pl
 import torch
 
 from distill.context import Context
+from distill.data import ImageDataModule
 from distill.fitting import train_and_test
 from distill.io import sha256_file
 from distill.loading import build_teacher, load_teacher, load_trained, method_for
-from distill.modules import TeacherModule
+from distill.modules import DistillModule, TeacherModule
+from distill.pool import pool_key, prepare_pool
 from distill.ranks import is_worker, sync_processes
 from distill.records import check_upstream, is_done, mark_done, read_record, save_resolved_config
 from distill.tracking import Tracker
@@ -120,10 +122,29 @@ def stage_distill(ctx: Context, tracker: Tracker) -> dict:
         return results
     plan = method.plan()
     model = method.build(plan)
-    best, results = train_and_test(ctx, tracker, "distill", method.module(model, plan), dm,
+    module = method.module(model, plan)
+    pool = attach_teacher_pool(ctx, dm, module, method.setting.teacher_sha256)
+    best, results = train_and_test(ctx, tracker, "distill", module, dm,
                                     ctx.config["distill"]["epochs"], f"{method.label} ({len(model.devices)} devices)")
+    results.update(pool)
     mark_done(ctx, "distill", [best], results)
     return results
+
+
+def attach_teacher_pool(ctx: Context, dm: ImageDataModule, module: DistillModule, teacher_sha256: str) -> dict:
+    """With ``distill.teacher_pool.views`` > 0 and a loss that reads the teacher, make training read the
+    teacher's stored outputs (built or reused in ``<run>/teacher_pool``); returns what the record keeps."""
+    pcfg, data = ctx.config["distill"]["teacher_pool"], ctx.config["data"]
+    if not pcfg["views"] or module.teacher is None:
+        return {"teacher_pool": None}
+    start = time.perf_counter()
+    key = pool_key(teacher_sha256, *dm.train, module.pool_filters(), pcfg["views"], data["crop_padding"],
+                   data["hflip"], pcfg["seed"])
+    pool = prepare_pool(ctx.run_dir / "teacher_pool", key, module.teacher, dm.train[0], data["eval_batch_size"],
+                        ctx.config["trainer"]["channels_last"], ctx.progress)
+    dm.use_pool(pool)
+    return {"teacher_pool": {"views": pool.views, "bytes": pool.nbytes(),
+                             "maps": pool.maps is not None, "seconds": round(time.perf_counter() - start, 1)}}
 
 
 def stage_export(ctx: Context, tracker: Tracker) -> dict:

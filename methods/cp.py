@@ -90,7 +90,7 @@ class GroupDistillation(nn.Module):
     """(1 - alpha) CE over the assembled scores + alpha T^2 sum_i KL(teacher's group-i logits || device i's),
     each at temperature T over its own group's classes; alpha = 0 is CE alone."""
 
-    def __init__(self, alpha: float, temperature: float) -> None:
+    def __init__(self, alpha: float = 0.9, temperature: float = 4.0) -> None:  # the kd loss's defaults
         super().__init__()
         self.alpha, self.temperature = float(alpha), float(temperature)
 
@@ -116,9 +116,10 @@ class ClassGroupModule(DistillModule):
             self.register_buffer(f"group_{i}", torch.tensor(g, dtype=torch.long), persistent=False)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y, *pooled = batch
         x = self._input(x)
-        teacher_logits = self.teacher_outputs(x)[1] if self.teacher is not None else None
+        t = self.teacher_targets(x, pooled)
+        teacher_logits = None if t is None else t.logits
         scores = [d(x) for d in self.model.devices]
         combined = self.model.aggregator.combine(torch.cat(scores, dim=1))
         groups = [getattr(self, f"group_{i}") for i in range(len(scores))]

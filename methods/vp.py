@@ -68,9 +68,10 @@ class VariantModule(DistillModule):
         self.losses = built
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y, *pooled = batch
         x = self._input(x)
-        teacher_logits = self.teacher_outputs(x)[1] if self.teacher is not None else None
+        t = self.teacher_targets(x, pooled)
+        teacher_logits = None if t is None else t.logits
         total = x.new_zeros((), dtype=torch.float32)
         for i, device in enumerate(self.model.devices):
             b = DistillBatch(device.logits(x), teacher_logits, (), None, (), y)
