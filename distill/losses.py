@@ -4,6 +4,7 @@ Every loss takes the same :class:`DistillBatch` and returns a scalar; the total 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -20,6 +21,7 @@ class DistillBatch:
     teacher_map: torch.Tensor | None    # [N, F, h, w]
     partitions: Sequence[torch.Tensor]  # K index tensors into the teacher's F filters
     labels: torch.Tensor                # [N]
+    progress: float = 0.0               # fraction of training done, in [0, 1]: weight schedules read it
 
 
 class CrossEntropy(nn.Module):
@@ -73,10 +75,19 @@ def _squared_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (s - t).pow(2).sum(dim=1).mean()
 
 
+# beta's schedule over training: the weight's factor at progress p in [0, 1]
+BETA_SCHEDULES: dict[str, Callable[[float], float]] = {
+    "constant": lambda p: 1.0,
+    "linear": lambda p: 1.0 - p,                              # decays to 0 at the end
+    "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),  # decays to 0 at the end, slowly at first
+}
+
+
 class _Transfer(nn.Module):
     """What every transfer loss shares: a signal of the student maps matched to the same signal of the
     teacher's partition filters (in partition order), either per student and summed, or once over
-    the K maps concatenated along channels; beta * distance."""
+    the K maps concatenated along channels; beta * distance, beta following ``schedule`` over training
+    (constant, or decaying to 0: the transfer guides early training and leaves the end to KD)."""
 
     reads_teacher = True
     reads_maps = True
@@ -85,9 +96,12 @@ class _Transfer(nn.Module):
     distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     default_beta: float
 
-    def __init__(self, beta: float | None = None) -> None:
+    def __init__(self, beta: float | None = None, schedule: str = "constant") -> None:
         super().__init__()
+        if schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta schedule {schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
         self.beta = float(self.default_beta if beta is None else beta)
+        self.schedule = schedule
 
     def forward(self, b: DistillBatch) -> torch.Tensor:
         pairs = list(zip(b.student_maps, b.partitions)) if self.per_student else \
@@ -95,7 +109,7 @@ class _Transfer(nn.Module):
         total = b.teacher_map.new_zeros((), dtype=torch.float32)
         for smap, idx in pairs:
             total = total + self.distance(self.signal(smap), self.signal(b.teacher_map.index_select(1, idx)))
-        return self.beta * total
+        return self.beta * BETA_SCHEDULES[self.schedule](min(max(b.progress, 0.0), 1.0)) * total
 
 
 class FilterTransfer(_Transfer):
@@ -169,6 +183,6 @@ def build_losses(spec: dict) -> nn.ModuleDict:
             raise ValueError(f"distill.losses: unknown loss {name!r}; choose from {', '.join(LOSSES)}")
         try:
             losses[name] = LOSSES[name](**(options or {}))
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ValueError(f"distill.losses.{name}: bad options {options!r} ({e})") from e
     return losses

@@ -104,6 +104,16 @@ class DistillModule(_SupervisedModule):
             logits = self.teacher.fc(fmap.mean(dim=(2, 3)))
         return fmap.clone(), logits.clone()  # clones are ordinary tensors that autograd may save
 
+    def progress(self, batch_idx: int) -> float:
+        """Fraction of training done at this step, in [0, 1) (0 outside a Trainer)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.max_epochs or not trainer.num_training_batches:
+            return 0.0
+        batches = trainer.num_training_batches
+        if batches == float("inf"):
+            return 0.0
+        return (trainer.current_epoch + batch_idx / batches) / trainer.max_epochs
+
     def teacher_targets(self, x: torch.Tensor, pooled: Sequence[TeacherTargets]) -> TeacherTargets | None:
         """What the losses read of the teacher: the pool's stored outputs when the batch carries them
         (``x, y, targets``), else the live teacher's; None when no loss reads the teacher."""
@@ -179,7 +189,7 @@ class NoNNModule(DistillModule):
             drop = torch.rand(x.shape[0], self.num_students, device=x.device) < self.student_dropout
         logits = self.student.logits_from_maps(maps, drop)
         b = DistillBatch(logits, None if t is None else t.logits, maps, None if t is None else t.fmap,
-                         self._partitions_in(None if t is None else t.map_filters), y)
+                         self._partitions_in(None if t is None else t.map_filters), y, self.progress(batch_idx))
         parts = {name: loss(b) for name, loss in self.losses.items()}
         total = torch.stack(list(parts.values())).sum()
         self.log_dict({f"train/{k}": v for k, v in parts.items()})

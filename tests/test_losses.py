@@ -106,3 +106,28 @@ def test_registry_builds_named_losses_and_refuses_unknown():
         build_losses({"fitnet": {}})
     with pytest.raises(ValueError, match="distill.losses.kd: bad options"):
         build_losses({"kd": {"gamma": 1}})
+
+
+@pytest.mark.parametrize("schedule,factors", [("constant", (1.0, 1.0, 1.0)), ("linear", (1.0, 0.75, 0.0)),
+                                              ("cosine", (1.0, 0.8535534, 0.0))])
+def test_transfer_weight_follows_its_schedule_over_training(schedule, factors):
+    """beta * factor(progress): the per-student transfer of ``test_filter_transfer_per_student`` (3.0 at beta 2)."""
+    s0, s1 = torch.tensor([[[[1.0, 0.0]]]]), torch.tensor([[[[0.0, 0.0]]]])
+    loss = FilterTransferPerStudent(beta=2.0, schedule=schedule)
+    for progress, factor in zip((0.0, 0.25, 1.0), factors):
+        b = batch([[0.0, 0.0]], [[0.0, 0.0]], [s0, s1], TEACHER, [[1], [0]])
+        b.progress = progress
+        assert loss(b).item() == pytest.approx(3.0 * factor, abs=1e-5)
+    with pytest.raises(ValueError, match="distill.losses.filter_transfer_per_student: bad options"):
+        build_losses({"filter_transfer_per_student": {"schedule": "exponential"}})
+
+
+def test_distill_module_tells_the_losses_how_far_training_is():
+    from types import SimpleNamespace
+
+    from distill.modules import DistillModule
+
+    module = DistillModule(torch.nn.Linear(1, 1), {}, {}, 2)
+    assert module.progress(3) == 0.0  # outside a Trainer
+    module._trainer = SimpleNamespace(max_epochs=4, num_training_batches=10, current_epoch=1)
+    assert module.progress(5) == pytest.approx(0.375)  # epoch 1 of 4, half way through it
