@@ -21,6 +21,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -168,3 +169,17 @@ def prepare_pool(folder: Path, key: dict, teacher: FeatureClassifier, images: to
         return pool
     print(f"[nonn] teacher pool: building {folder} ({why}): {key['views']} views of {len(images)} images")
     return build_pool(folder, key, teacher, images, batch_size, channels_last, progress)
+
+
+def wait_for_pool(folder: Path, key: dict, timeout_s: float = 4 * 3600, poll_s: float = 2.0) -> TeacherPool:
+    """A data-parallel worker's pool: the one rank 0 builds (or reuses) in ``folder``, once it matches
+    ``key``. Every rank then reads the same memory-mapped files, each only the pages of its own shard."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pool, why = open_pool(folder, key)
+        if pool is not None:
+            return pool
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{folder}: rank 0 did not finish the teacher pool within {timeout_s:.0f} s ({why}); "
+                               "check rank 0's output")
+        time.sleep(poll_s)

@@ -20,7 +20,7 @@ from distill.fitting import train_and_test
 from distill.io import sha256_file
 from distill.loading import build_teacher, load_teacher, load_trained, method_for
 from distill.modules import DistillModule, TeacherModule
-from distill.pool import pool_key, prepare_pool
+from distill.pool import pool_key, prepare_pool, wait_for_pool
 from distill.ranks import is_worker, sync_processes
 from distill.records import check_upstream, is_done, mark_done, read_record, save_resolved_config
 from distill.tracking import Tracker
@@ -140,8 +140,12 @@ def attach_teacher_pool(ctx: Context, dm: ImageDataModule, module: DistillModule
     start = time.perf_counter()
     key = pool_key(teacher_sha256, *dm.train, module.pool_filters(), pcfg["views"], data["crop_padding"],
                    data["hflip"], pcfg["seed"])
-    pool = prepare_pool(ctx.run_dir / "teacher_pool", key, module.teacher, dm.train[0], data["eval_batch_size"],
-                        ctx.config["trainer"]["channels_last"], ctx.progress)
+    folder = ctx.run_dir / "teacher_pool"
+    if is_worker():  # rank 0 builds; the data-parallel workers read what it wrote
+        pool = wait_for_pool(folder, key)
+    else:
+        pool = prepare_pool(folder, key, module.teacher, dm.train[0], data["eval_batch_size"],
+                            ctx.config["trainer"]["channels_last"], ctx.progress)
     dm.use_pool(pool)
     return {"teacher_pool": {"views": pool.views, "bytes": pool.nbytes(),
                              "maps": pool.maps is not None, "seconds": round(time.perf_counter() - start, 1)}}

@@ -68,3 +68,22 @@ def test_only_rank_zero_writes_the_logs(ddp_run):
         validated = [row["epoch"] for row in csv.DictReader(f) if row["val/acc"]]
     epochs = load_config(TINY)["teacher"]["epochs"]
     assert validated == [str(e) for e in range(epochs)], "one validation row per epoch, not one per process"
+
+
+def test_the_teacher_pool_under_ddp_is_built_once_and_read_by_every_rank(ddp_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(ddp_run, run_dir)
+    done = nonn("distill", "--config", str(TINY), "--run-dir", str(run_dir), *DDP, "--force",
+                "--distill.teacher_pool.views", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("teacher pool: building") == 1, "rank 0 builds; the worker waits and reads"
+    record = json.loads((run_dir / "stages" / "distill.json").read_text())["results"]
+    assert record["teacher_pool"]["views"] == 2 and record["best_val_acc"] > 0.5
+    assert not list(run_dir.glob(".teacher_pool.*")), "no half-built pool left behind"
+    config = load_config(TINY)
+    per_rank_steps = ((config["data"]["synthetic"]["train_size"] - config["data"]["val_size"]) // 2) // \
+        config["data"]["batch_size"]
+    last = torch.load(run_dir / "students" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == config["distill"]["epochs"] * per_rank_steps  # each rank its own shard
