@@ -13,7 +13,9 @@ import tarfile
 import urllib.request
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -71,7 +73,6 @@ CIFAR_ARCHIVES = {
         {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
          "meta": "7973b15100ade9c7d40fb424638fde48"}, 100),
 }
-DATASETS = ("fashion_mnist", *CIFAR_ARCHIVES, "imagefolder", "synthetic")  # the names data.dataset takes
 
 
 class DataError(RuntimeError):
@@ -258,25 +259,36 @@ def make_synthetic(train_size: int, test_size: int, image_size: int, channels: i
     return RawSplits(train_x, train_y, test_x, test_y, [f"class_{i}" for i in range(num_classes)])
 
 
+def _cifar_dataset(name: str, cfg: dict, data_dir: Path | None, seed: int) -> RawSplits:
+    return load_cifar(name, data_dir, cfg["download"])
+
+
+def _image_folder_dataset(cfg: dict, data_dir: Path | None, seed: int) -> RawSplits:
+    if data_dir is None:
+        raise DataError("data.dataset: imagefolder needs data.data_dir: a folder or .zip holding "
+                        "train/<class>/ and test/<class>/")
+    return load_image_folder(data_dir)
+
+
+# data.dataset -> loader(data config, data_dir or None, seed); a new data set is one entry here
+LOADERS: dict[str, Callable[[dict, Path | None, int], RawSplits]] = {
+    "fashion_mnist": lambda cfg, data_dir, seed: load_fashion_mnist(data_dir, cfg["download"]),
+    **{name: partial(_cifar_dataset, name) for name in CIFAR_ARCHIVES},
+    "imagefolder": _image_folder_dataset,
+    "synthetic": lambda cfg, data_dir, seed: make_synthetic(seed=seed, **cfg["synthetic"]),
+}
+DATASETS = tuple(LOADERS)  # the names data.dataset takes
+
+
 def load_raw(data_cfg: dict, seed: int) -> RawSplits:
     if data_cfg["data_dir"] is not None and not str(data_cfg["data_dir"]).strip():
         raise DataError("data.data_dir is empty; name a folder, or leave it unset (null) for the dataset's "
                         "standard place")
     data_dir = Path(data_cfg["data_dir"]).expanduser() if data_cfg["data_dir"] else None
     name = data_cfg["dataset"]
-    if name == "fashion_mnist":
-        raw = load_fashion_mnist(data_dir, data_cfg["download"])
-    elif name in CIFAR_ARCHIVES:
-        raw = load_cifar(name, data_dir, data_cfg["download"])
-    elif name == "imagefolder":
-        if data_dir is None:
-            raise DataError("data.dataset: imagefolder needs data.data_dir: a folder or .zip holding "
-                            "train/<class>/ and test/<class>/")
-        raw = load_image_folder(data_dir)
-    elif name == "synthetic":
-        raw = make_synthetic(seed=seed, **data_cfg["synthetic"])
-    else:
-        raise DataError(f"data.dataset: unknown dataset {name!r}")
+    if name not in LOADERS:
+        raise DataError(f"data.dataset: unknown dataset {name!r}; choose one of {', '.join(LOADERS)}")
+    raw = LOADERS[name](data_cfg, data_dir, seed)
     _check_labels(raw, name)
     return raw
 
