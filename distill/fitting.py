@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.profilers import SimpleProfiler
 
@@ -19,6 +20,26 @@ from distill.precision import resolve_precision
 from distill.ranks import is_worker, sync_processes
 from distill.records import fingerprint
 from distill.tracking import Tracker, lightning_loggers
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class FiniteLoss(pl.Callback):
+    """Stop a training stage whose loss stops being finite: what it would train is garbage, and the
+    stage's previous result must survive it (the fresh folder is never swapped in)."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteLoss(f"{self.stage}: the training loss became {float(loss):.4g} at epoch "
+                                     f"{trainer.current_epoch}, batch {batch_idx}; lower the learning rate or check "
+                                     "the loss options (the previous result, if any, is kept)")
 
 
 def fit(ctx: Context, stage_dir: Path, module: pl.LightningModule, dm: ImageDataModule, epochs: int,
@@ -47,7 +68,7 @@ def fit(ctx: Context, stage_dir: Path, module: pl.LightningModule, dm: ImageData
                          strategy=tc["strategy"], num_nodes=tc["num_nodes"],
                          precision=resolve_precision(tc["precision"], tc["accelerator"]),
                          deterministic=tc["deterministic"], logger=lightning_loggers(tracker, stage_dir, resumed_epoch),
-                         callbacks=[checkpoint, every_epoch], enable_progress_bar=ctx.progress,
+                         callbacks=[checkpoint, every_epoch, FiniteLoss(stage)], enable_progress_bar=ctx.progress,
                          enable_model_summary=False, limit_train_batches=tc["limit_train_batches"],
                          limit_val_batches=tc["limit_val_batches"], num_sanity_val_steps=0, log_every_n_steps=10,
                          default_root_dir=str(stage_dir), profiler=profiler)

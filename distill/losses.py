@@ -34,6 +34,23 @@ class CrossEntropy(nn.Module):
         return F.cross_entropy(b.student_logits, b.labels)
 
 
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} = {value!r} must be a finite number")
+    return float(value)
+
+
+def check_kd_options(alpha: object, temperature: object) -> tuple[float, float]:
+    """KD's weight and temperature, refused outside 0 <= alpha <= 1 and temperature > 0 (a zero
+    temperature divides the logits by zero and trains on NaN)."""
+    alpha, temperature = _number("alpha", alpha), _number("temperature", temperature)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha = {alpha} must be in [0, 1] (the soft term's share of the loss)")
+    if temperature <= 0:
+        raise ValueError(f"temperature = {temperature} must be above 0")
+    return alpha, temperature
+
+
 class KnowledgeDistillation(nn.Module):
     """Hinton KD: alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(z_s, y).
 
@@ -46,7 +63,7 @@ class KnowledgeDistillation(nn.Module):
 
     def __init__(self, alpha: float = 0.9, temperature: float = 4.0) -> None:
         super().__init__()
-        self.alpha, self.temperature = float(alpha), float(temperature)
+        self.alpha, self.temperature = check_kd_options(alpha, temperature)
 
     def forward(self, b: DistillBatch) -> torch.Tensor:
         t = self.temperature
@@ -100,7 +117,9 @@ class _Transfer(nn.Module):
         super().__init__()
         if schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta schedule {schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
-        self.beta = float(self.default_beta if beta is None else beta)
+        self.beta = _number("beta", self.default_beta if beta is None else beta)
+        if self.beta < 0:
+            raise ValueError(f"beta = {self.beta} must be 0 or more")
         self.schedule = schedule
 
     def forward(self, b: DistillBatch) -> torch.Tensor:
@@ -175,10 +194,14 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
 
 def build_losses(spec: dict) -> nn.ModuleDict:
     """``{"kd": {"alpha": 0.9}, "filter_transfer": {"beta": 1e4}}`` -> named loss modules."""
-    if not spec:
-        raise ValueError(f"distill.losses is empty; name at least one of: {', '.join(LOSSES)}")
+    if not spec or not isinstance(spec, dict):
+        raise ValueError(f"distill.losses must name at least one loss with its options, e.g. "
+                         f"{{kd: {{alpha: 0.9}}}}; got {spec!r} (choose from {', '.join(LOSSES)})")
     losses = nn.ModuleDict()
     for name, options in spec.items():
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(f"distill.losses.{name}: options must be a mapping such as {{beta: 1000.0}}, "
+                             f"got {options!r}")
         if name not in LOSSES:
             raise ValueError(f"distill.losses: unknown loss {name!r}; choose from {', '.join(LOSSES)}")
         try:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.losses import check_kd_options
 from distill.modules import DistillModule
 from methods.base import Method, register
 from students.networks import FeatureClassifier
@@ -92,7 +93,7 @@ class GroupDistillation(nn.Module):
 
     def __init__(self, alpha: float = 0.9, temperature: float = 4.0) -> None:  # the kd loss's defaults
         super().__init__()
-        self.alpha, self.temperature = float(alpha), float(temperature)
+        self.alpha, self.temperature = check_kd_options(alpha, temperature)
 
     def forward(self, scores: list[torch.Tensor], combined: torch.Tensor, teacher_logits: torch.Tensor | None,
                 groups: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:

@@ -131,3 +131,18 @@ def test_distill_module_tells_the_losses_how_far_training_is():
     assert module.progress(3) == 0.0  # outside a Trainer
     module._trainer = SimpleNamespace(max_epochs=4, num_training_batches=10, current_epoch=1)
     assert module.progress(5) == pytest.approx(0.375)  # epoch 1 of 4, half way through it
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"kd": {"temperature": 0}}, r"distill.losses.kd: bad options .*temperature = 0.0 must be above 0"),
+    ({"kd": {"temperature": -2}}, r"temperature = -2.0 must be above 0"),
+    ({"kd": {"alpha": 5}}, r"alpha = 5.0 must be in \[0, 1\]"),
+    ({"kd": {"alpha": "abc"}}, r"distill.losses.kd: bad options .*alpha = 'abc' must be a finite number"),
+    ({"filter_transfer": {"beta": -1}}, r"beta = -1.0 must be 0 or more"),
+    ({"kd": [1, 2]}, r"distill.losses.kd: options must be a mapping"),
+    (["kd", "ce"], r"distill.losses must name at least one loss"),
+    ({}, r"distill.losses must name at least one loss"),
+])
+def test_loss_options_out_of_range_are_refused_before_training(spec, message):
+    with pytest.raises(ValueError, match=message):
+        build_losses(spec)

@@ -142,6 +142,17 @@ def test_distill_killed_midway_keeps_the_last_good_result_and_resumes(finished_r
     assert not list(run_dir.glob(".students*")), "nothing left beside the students folder"
 
 
+def test_a_loss_that_becomes_non_finite_fails_the_stage_and_keeps_the_students(finished_run, tmp_path, capsys):
+    run_dir = copy_run(finished_run, tmp_path)
+    before = sha256_file(run_dir / "students" / "best.ckpt")
+    assert main(["distill", "--config", str(TINY), "--run-dir", str(run_dir), "--force", "--distill.lr", "1e30"]) == 1
+    err = capsys.readouterr().err
+    assert "distill: the training loss became" in err and "the previous result, if any, is kept" in err, err
+    assert sha256_file(run_dir / "students" / "best.ckpt") == before
+    record = json.loads((run_dir / "stages" / "distill.json").read_text())
+    assert record["results"]["test_acc"] > 0.5, "the finished stage's record still describes the kept students"
+
+
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "distill", "--help"], capture_output=True, text=True, check=True)
     assert "partition" in out.stdout and "evaluate" in out.stdout

@@ -264,6 +264,44 @@ def test_fuzzed_foreign_and_forbidden_messages_are_dropped_and_counted(bundle: P
     assert sum(dropped_agg.values()) == 50 + 50 + 4  # random inputs and vectors, foreign, NaN, bad width, late
 
 
+def test_the_sender_is_the_topic_not_the_header_and_vectors_open_no_request(bundle: Path, broker, fleet: Fleet):
+    """device_0's credential cannot speak for device 1, nor make the aggregator answer requests nobody sent."""
+    server, credentials, bundle_id = broker
+    source = _source(broker, bundle_id)
+    names = ["device_0", "device_1", "aggregator"]
+    started = time.perf_counter()
+    for name in names:
+        fleet.start(name)
+    rogue = connect(server, read_credentials(credentials["device_0"]), "rogue-device_0")
+    key = wire.bundle_key(bundle_id)
+    try:
+        source.wait_ready(names, started)
+        for request in range(10_000, 10_020):  # vectors for requests no source sent
+            rogue.publish(topic(bundle_id, "dev", 0),
+                          wire.encode(wire.KIND_DEVICE, key, request, np.ones((1, WIDTHS[0]), np.float32)))
+        pixel = (images(1, seed=6).numpy() * 255).astype(np.uint8)
+        request = source.next_request
+        # device 1's vector for the coming request, forged by device_0's credential on its own topic
+        rogue.publish(topic(bundle_id, "dev", 0), wire.encode(wire.KIND_DEVICE, key, request,
+                                                              np.full((1, WIDTHS[1]), 50.0, np.float32), device=1))
+        rogue.loop(timeout=0.5)
+        assert source.send(pixel) == request
+        answer = source.wait(request, 10.0)
+        deadline = time.monotonic() + 10
+        while (stats := source.collect_stats(names))["aggregator"]["dropped"].get("unsolicited", 0) < 20:
+            assert time.monotonic() < deadline, stats["aggregator"]["dropped"]
+            time.sleep(0.1)
+        fleet.check_alive()
+    finally:
+        source.close()
+        rogue.disconnect()
+    assert answer is not None and answer.flags == 0, "answered from the real devices' vectors"
+    np.testing.assert_allclose(answer.logits[0], Bundle.load(bundle, threads=1).predict(pixel)[0], atol=1e-5)
+    assert stats["aggregator"]["computed"] == 1, "no answer for a request that only a device vector named"
+    dropped = stats["aggregator"]["dropped"]
+    assert dropped.get("spoofed") == 1 and dropped.get("unsolicited") == 20
+
+
 def test_rejected_credentials_are_one_line_errors(bundle: Path, broker, tmp_path: Path):
     server, credentials, _ = broker
     user, _ = read_credentials(credentials["device_0"])
