@@ -13,8 +13,6 @@ def draw_views(n: int, padding: int, hflip: bool, generator: torch.Generator) ->
     if padding > 0:
         params[:, 0] = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)[:, 0]
         params[:, 1] = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)[:, 0]
-    else:
-        params[:, :2] = padding
     if hflip:
         params[:, 2] = (torch.rand(n, generator=generator) < 0.5).long()
     return params

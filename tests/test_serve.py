@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 import torch
 
@@ -212,16 +213,34 @@ def test_device_and_aggregator_run_with_torch_unimportable(bundle: Path, broker,
                         "serve.mqtt", "serve.wire", "serve.endpoint", "serve.device", "serve.aggregator"}, ours
 
 
-def test_fuzzed_foreign_and_forbidden_messages_are_dropped_and_counted(bundle: Path, broker, fleet: Fleet):
+NAMES = ["device_0", "device_1", "aggregator"]
+
+
+def _fleet_and_rogue(broker, fleet: Fleet) -> tuple[Source, mqtt.Client]:
+    """The fleet's processes started and ready, a source, and a second client holding device_0's credential."""
     server, credentials, bundle_id = broker
     source = _source(broker, bundle_id)
-    names = ["device_0", "device_1", "aggregator"]
     started = time.perf_counter()
-    for name in names:
+    for name in NAMES:
         fleet.start(name)
     rogue = connect(server, read_credentials(credentials["device_0"]), "rogue-device_0")
+    source.wait_ready(NAMES, started)
+    return source, rogue
+
+
+def _stats_once_aggregator_dropped(source: Source, reason: str, count: int, timeout_s: float = 10.0) -> dict:
+    """Every process's stats, once the aggregator has dropped ``count`` messages for ``reason``."""
+    deadline = time.monotonic() + timeout_s
+    while (stats := source.collect_stats(NAMES))["aggregator"]["dropped"].get(reason, 0) < count:
+        assert time.monotonic() < deadline, stats["aggregator"]["dropped"]
+        time.sleep(0.1)
+    return stats
+
+
+def test_fuzzed_foreign_and_forbidden_messages_are_dropped_and_counted(bundle: Path, broker, fleet: Fleet):
+    bundle_id = broker[2]
+    source, rogue = _fleet_and_rogue(broker, fleet)
     try:
-        source.wait_ready(names, started)
         rng = np.random.default_rng(1)
         key = wire.bundle_key(bundle_id)
         pixel = (images(1, seed=4).numpy() * 255).astype(np.uint8)
@@ -245,10 +264,7 @@ def test_fuzzed_foreign_and_forbidden_messages_are_dropped_and_counted(bundle: P
         rogue.publish(topic(bundle_id, "dev", 0),
                       wire.encode(wire.KIND_DEVICE, key, request, np.zeros((1, WIDTHS[0]), np.float32)))
         rogue.loop(timeout=0.5)
-        deadline = time.monotonic() + 10
-        while (stats := source.collect_stats(names))["aggregator"]["dropped"].get("late", 0) < 1:
-            assert time.monotonic() < deadline, stats["aggregator"]["dropped"]
-            time.sleep(0.1)
+        stats = _stats_once_aggregator_dropped(source, "late", 1)
         fleet.check_alive()
     finally:
         source.close()
@@ -266,16 +282,10 @@ def test_fuzzed_foreign_and_forbidden_messages_are_dropped_and_counted(bundle: P
 
 def test_the_sender_is_the_topic_not_the_header_and_vectors_open_no_request(bundle: Path, broker, fleet: Fleet):
     """device_0's credential cannot speak for device 1, nor make the aggregator answer requests nobody sent."""
-    server, credentials, bundle_id = broker
-    source = _source(broker, bundle_id)
-    names = ["device_0", "device_1", "aggregator"]
-    started = time.perf_counter()
-    for name in names:
-        fleet.start(name)
-    rogue = connect(server, read_credentials(credentials["device_0"]), "rogue-device_0")
+    bundle_id = broker[2]
+    source, rogue = _fleet_and_rogue(broker, fleet)
     key = wire.bundle_key(bundle_id)
     try:
-        source.wait_ready(names, started)
         for request in range(10_000, 10_020):  # vectors for requests no source sent
             rogue.publish(topic(bundle_id, "dev", 0),
                           wire.encode(wire.KIND_DEVICE, key, request, np.ones((1, WIDTHS[0]), np.float32)))
@@ -287,10 +297,7 @@ def test_the_sender_is_the_topic_not_the_header_and_vectors_open_no_request(bund
         rogue.loop(timeout=0.5)
         assert source.send(pixel) == request
         answer = source.wait(request, 10.0)
-        deadline = time.monotonic() + 10
-        while (stats := source.collect_stats(names))["aggregator"]["dropped"].get("unsolicited", 0) < 20:
-            assert time.monotonic() < deadline, stats["aggregator"]["dropped"]
-            time.sleep(0.1)
+        stats = _stats_once_aggregator_dropped(source, "unsolicited", 20)
         fleet.check_alive()
     finally:
         source.close()
