@@ -25,7 +25,7 @@ from torch import nn
 from distill.io import restore_interrupted_swap, sha256_file, swap_in, write_json_atomic
 from students.bundle import FORMAT, SCHEMA_VERSION, TRANSPORTS, manifest_digest
 from students.complexity import count_macs, count_params, weight_bytes
-from students.split import Combiner, GatherModel
+from students.split import Combiner, CombineRule, GatherModel
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
 _VERIFY_TOLERANCE = {"float32": (1e-3, 1e-4), "float16": (2e-3, 2e-3), "uint8": (0.0, 1.0)}  # (rtol, atol)
@@ -232,18 +232,7 @@ def _export_aggregator(aggregator: Combiner, root: Path, dtype: str, scales: lis
     return {**files, "kind": aggregator.kind, "input_width": width, "input_dtype": dtype,
             "widths": list(aggregator.widths), "fill": aggregator.fill_vector().tolist(),
             "params": count_params(aggregator), "weight_bytes": weight_bytes(aggregator),
-            "macs": count_macs(_Combine(aggregator), (width,))}
-
-
-class _Combine(nn.Module):
-    """The aggregator's combining rule alone, as a module (to count its MACs)."""
-
-    def __init__(self, aggregator: Combiner) -> None:
-        super().__init__()
-        self.aggregator = aggregator
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.aggregator.combine(z)
+            "macs": count_macs(CombineRule(aggregator), (width,))}
 
 
 def _export_part(wrapper: nn.Module, root: Path, name: str, example: torch.Tensor, io_names: tuple[str, str],

@@ -67,3 +67,14 @@ class GatherModel(nn.Module):
 
     def forward(self, x: torch.Tensor, missing: Sequence[int] = ()) -> torch.Tensor:
         return self.aggregator(self.aggregator.fill_missing(self.vectors(x), missing))
+
+
+class CombineRule(nn.Module):
+    """An aggregator's combining rule alone, as a module (to count its MACs without its training-time state)."""
+
+    def __init__(self, aggregator: Combiner) -> None:
+        super().__init__()
+        self.aggregator = aggregator
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.aggregator.combine(z)

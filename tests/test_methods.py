@@ -33,6 +33,7 @@ RUNS = {  # method -> extra options for the tiny profile
            "{arch: wrn_10_1, scale: 0.75}], top_k: 2}"],
     "cp": ["--distill.losses", KD, "--method_options.cp", "{groups: 2, grouping: confusion}"],
     "mp": ["--method_options.mp", "{devices: 2}"],
+    "halp": ["--method_options.halp", "{devices: 2}"],
 }
 
 
@@ -52,7 +53,7 @@ def _report(run_dir: Path) -> dict:
 
 
 def test_registry_holds_every_method():
-    assert {"nonn", "single", "lcp", "vp", "cp", "mp"} <= set(METHODS)
+    assert {"nonn", "single", "lcp", "vp", "cp", "mp", "halp"} <= set(METHODS)
     for cls in METHODS.values():
         assert cls.label and cls.sends
 
@@ -112,7 +113,21 @@ def test_lcp_trains_without_the_teacher_and_refuses_other_widths(runs):
         load_trained(wider, wider.datamodule())
 
 
-@pytest.mark.parametrize("name", ["vp", "cp"])
+def test_halp_is_the_teacher_exactly_and_a_lost_device_costs_accuracy_not_the_answer(runs):
+    report = _report(runs["halp"])
+    m = report["method"]
+    assert m["test_acc_bundle"] == pytest.approx(report["teacher"]["test_acc"])
+    assert m["bundle_max_logit_diff"] < 1e-3
+    rows = m["map_rows"]
+    assert rows[0][0] == 0 and rows[0][1] == rows[1][0] and rows[1][1] == m["cut_map_shape"][1]
+    assert all(h >= 0 for h in m["halo_overhead"])
+    assert all(f["accuracy"] is not None for f in report["failures"])  # the fill stands in, as for NoNN
+    # a device sends its rows of the cut map, no more
+    channels, _, columns = m["cut_map_shape"]
+    assert [d["bytes_sent_per_inference"] for d in m["devices"]] == [4 * channels * (b - a) * columns for a, b in rows]
+
+
+@pytest.mark.parametrize("name", ["vp", "cp", "halp"])
 def test_vp_and_cp_bundles_run_over_mqtt_like_in_process(runs, name, tmp_path):
     """The runtime knows no method: devices send what their graphs return, the aggregator's graph combines.
     The drill kills device 0: the answers while it is down equal the bundle's without it."""
