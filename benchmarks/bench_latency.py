@@ -16,15 +16,16 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from distill.hardware import cpu_name
-from students.bundle import Bundle, median_ms, parts
+from bundle.format import Bundle, median_ms, parts
+from core.hardware import cpu_name
 
 BYTES_PER_NUMBER = {"fp32": 4, "fp16": 2, "int8": 1}
 BATCHES = (1, 64)
@@ -34,7 +35,7 @@ def build_synthetic(root: Path) -> tuple[Path, Path]:
     """Untrained WRN-10-1 x 2 NoNN at 1x28x28 (Fashion-MNIST size) and a WRN-16-2 teacher; timing ignores weights."""
     import torch
 
-    from students.export import export_bundle, export_onnx
+    from bundle.export import export_bundle, export_onnx
     from students.registry import build_model
     from students.unified import UnifiedStudent
 

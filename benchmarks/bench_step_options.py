@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from distill.hardware import cpu_name
+from core.hardware import cpu_name
 from distill.losses import DistillBatch, build_losses
 from students.registry import build_model
 from students.unified import UnifiedStudent

@@ -13,10 +13,10 @@ import time
 import pytorch_lightning as pl
 import torch
 
-from distill.config import load_config
-from distill.data import ImageDataModule, TensorBatches
 from distill.losses import DistillBatch
 from distill.modules import NoNNModule
+from imagedata.data import ImageDataModule, TensorBatches
+from pipeline.config import load_config
 from students.registry import build_model
 from students.unified import UnifiedStudent
 
@@ -26,7 +26,7 @@ BATCH = 128
 def loader_throughput(dm: ImageDataModule) -> float:
     loader = dm.train_dataloader()
     start, seen = time.perf_counter(), 0
-    for x, y in loader:
+    for _x, y in loader:
         seen += len(y)
     return seen / (time.perf_counter() - start)
 

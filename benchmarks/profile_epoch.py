@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.cli import main as nonn  # noqa: E402
-from distill.hardware import cpu_name  # noqa: E402
+from core.hardware import cpu_name  # noqa: E402
+from pipeline.cli import main as nonn  # noqa: E402
 
 # row -> the profiler actions it sums (regular expressions, whole names; a leading "-" subtracts an action
 # that runs nested inside another, as the training step and backward run inside the optimizer step)

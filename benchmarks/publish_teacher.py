@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.rows import git_commit, hardware  # noqa: E402
-from distill.io import atomic_path, read_json, sha256_file, write_json_atomic  # noqa: E402
+from core.io import atomic_path, read_json, sha256_file, write_json_atomic  # noqa: E402
 
 
 def main() -> None:

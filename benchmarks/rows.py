@@ -37,7 +37,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "benchmarks" / "README.md"
 sys.path.insert(0, str(ROOT))
 
-from distill.io import read_json, write_json_atomic, write_text_atomic  # noqa: E402
+from core.io import read_json, write_json_atomic, write_text_atomic  # noqa: E402
 
 
 def load_spec() -> dict:
@@ -48,7 +48,7 @@ def hardware() -> dict:
     """What the row ran on, so that timings are only ever compared like with like."""
     import torch
 
-    from distill.hardware import cpu_name
+    from core.hardware import cpu_name
     from distill.precision import native_bf16
 
     info = {"cpu": cpu_name(), "cpu_cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -86,7 +86,7 @@ def commands_for(spec: dict, table: str, row: str, seed: int, run_dir: Path,
     for overrides in (t.get("overrides", {}), r.get("overrides", {}), extra or {}):
         for key, value in overrides.items():
             options += [f"--{key}", yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")]
-    return [[sys.executable, "-m", "distill", stage, *options] for stage in t.get("stages", ["run"])]
+    return [[sys.executable, "-m", "pipeline", stage, *options] for stage in t.get("stages", ["run"])]
 
 
 def make_record(spec: dict, table: str, row: str, seed: int, run_dir: Path, seconds: float,
@@ -253,7 +253,7 @@ def epoch_seconds(rs: list[dict]) -> str:
 def sweep_table(spec: dict, table: str) -> list[str]:
     lines = ["| row | losses | precision | epochs | seeds | best validation accuracy (%) | training time per epoch |",
              "|---|---|---|---|---|---|---|"]
-    for row, rs in records(table).items():
+    for _row, rs in records(table).items():
         c = rs[0]["config"]
         lines.append(f"| {rs[0]['label']} | {losses_text(c)} | {rs[0]['distill']['precision']} | "
                      f"{c['distill']['epochs']} | {len(rs)} | {pct([r['distill']['best_val_acc'] for r in rs])} | "
@@ -278,7 +278,7 @@ def method_table(spec: dict, table: str) -> list[str]:
              "bytes sent per inference | 1 device down (%) | 2 devices down (%) | training time per epoch |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     teacher = None
-    for row, rs in records(table).items():
+    for _row, rs in records(table).items():
         r0 = rs[0]
         teacher = teacher or r0["teacher"]
         devices = r0["devices"]
@@ -312,7 +312,7 @@ def comparison_table(spec: dict, table: str) -> list[str]:
     lines = ["| method | devices | test accuracy (%) | seeds | params per device | MACs per device | "
              "ONNX ms per device (batch 1, 1 thread) | bytes sent per inference | 1 device down (%) | "
              "2 devices down (%) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for row, rs in records(table).items():
+    for _row, rs in records(table).items():
         devices = rs[0]["devices"]
         latency = per_host(rs, largest_device_latency, ".3f")
         lines.append(f"| {rs[0]['label']} | {len(devices)} | {pct([r['test_acc'] for r in rs])} | {len(rs)} | "

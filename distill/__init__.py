@@ -1,1 +1,2 @@
-"""NoNN distillation pipeline: data, Lightning modules, losses, stages, command line and tracking."""
+"""The distillation itself: losses, the Lightning training modules, the teacher-output pool, precision,
+checkpoint reading and experiment tracking. Knows nothing of run folders, configs files or the CLI."""

@@ -5,8 +5,8 @@ Every loss takes the same :class:`DistillBatch` and returns a scalar; the total 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -13,7 +13,6 @@ from distill.losses import DistillBatch, build_losses
 from distill.pool import TeacherTargets
 from students.networks import FeatureClassifier
 from students.unified import UnifiedStudent
-
 
 PLAN_KEY = "method_plan"  # the checkpoint entry that holds what the weights were trained on
 SCHEDULES = ("cosine", "step")  # learning-rate schedules configure_optimizers builds
@@ -91,7 +90,7 @@ class DistillModule(_SupervisedModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[PLAN_KEY] = self.plan
 
-    def train(self, mode: bool = True) -> "DistillModule":
+    def train(self, mode: bool = True) -> DistillModule:
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()  # the teacher's BN statistics never move
@@ -113,6 +112,13 @@ class DistillModule(_SupervisedModule):
         if batches == float("inf"):
             return 0.0
         return (trainer.current_epoch + batch_idx / batches) / trainer.max_epochs
+
+    def unpack(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, TeacherTargets | None]:
+        """A training batch (``x, y`` or, from the pool, ``x, y, targets``) as images in the module's memory
+        format, labels and what the losses read of the teacher."""
+        x, y, *pooled = batch
+        x = self._input(x)
+        return x, y, self.teacher_targets(x, pooled)
 
     def teacher_targets(self, x: torch.Tensor, pooled: Sequence[TeacherTargets]) -> TeacherTargets | None:
         """What the losses read of the teacher: the pool's stored outputs when the batch carries them
@@ -180,9 +186,7 @@ class NoNNModule(DistillModule):
         return self._pooled_partitions[key]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y, *pooled = batch
-        x = self._input(x)
-        t = self.teacher_targets(x, pooled)
+        x, y, t = self.unpack(batch)
         maps = self.student.forward_maps(x)
         drop = None
         if self.student_dropout > 0:

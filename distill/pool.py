@@ -7,7 +7,7 @@ Shen & Xing, "A Fast Knowledge Distillation Framework for Visual Recognition", E
 approximation is a finite pool: each epoch draws one of the V stored views per image.
 
 On disk (``<run>/teacher_pool/``, memory-mapped .npy files in float16):
-- ``params.npy``  int16 [N, V, 3]: (dy, dx, flip) of each view (see :func:`distill.data.draw_views`);
+- ``params.npy``  int16 [N, V, 3]: (dy, dx, flip) of each view (see :func:`imagedata.augment.draw_views`);
 - ``logits.npy``  [N, V, classes];
 - ``maps.npy``    [N, V, F, h, w]: the final feature map restricted to the filters the losses read,
   in the order the method lists them (NoNN: its partitions concatenated); absent when no loss reads maps;
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distill.augment import apply_views, draw_views
-from distill.io import sha256_file, write_json_atomic
+from core.io import sha256_file, write_json_atomic
+from imagedata.augment import apply_views, draw_views
 from students.networks import FeatureClassifier
 
 POOL_VERSION = 1
@@ -73,6 +73,9 @@ class TeacherPool:
     @property
     def views(self) -> int:
         return int(self.params.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.params.shape[0])
 
     def lookup(self, idx: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, TeacherTargets]:
         """View parameters and teacher targets (float32) of images ``idx``, view ``views[i]`` each."""

@@ -16,7 +16,6 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 from distill.ranks import is_worker
 
-
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 

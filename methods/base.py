@@ -21,13 +21,15 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from distill.data import ImageDataModule
+from bundle.export import export_bundle
+from distill.losses import LOSSES
+from imagedata.data import ImageDataModule
 from students.networks import FeatureClassifier
 
-METHODS: dict[str, type["Method"]] = {}
+METHODS: dict[str, type[Method]] = {}
 
 
-def register(cls: type["Method"]) -> type["Method"]:
+def register(cls: type[Method]) -> type[Method]:
     if cls.name in METHODS:
         raise ValueError(f"method {cls.name!r} is registered twice ({METHODS[cls.name].__module__}, {cls.__module__})")
     METHODS[cls.name] = cls
@@ -54,7 +56,8 @@ class Method:
     trains: ClassVar[bool] = True             # False: built from the teacher as it is
     mp_baseline: ClassVar[bool] = True        # export and report the teacher's layer-wise split beside it
     transports: ClassVar[tuple[str, ...]] = ("fp32", "fp16")
-    losses: ClassVar[tuple[str, ...] | None] = None  # distill.losses it accepts; None: every registered one
+    takes_teacher: ClassVar[bool] = True      # it trains with losses that read the teacher (reads_teacher)
+    takes_maps: ClassVar[bool] = True         # ... and with losses that read the teacher's feature maps (reads_maps)
 
     def __init__(self, setting: Setting) -> None:
         self.setting = setting
@@ -89,18 +92,28 @@ class Method:
         if transport not in cls.transports:
             raise ValueError(f"export.transport = {transport!r}: method {cls.name} sends "
                              f"{cls.sends}; choose one of {', '.join(cls.transports)}")
-        if cls.trains and cls.losses is not None:
-            extra = sorted(set(config["distill"]["losses"] or {}) - set(cls.losses))
+        if cls.trains:
+            usable = [name for name, loss in LOSSES.items() if cls.takes(loss)]
+            extra = sorted(name for name in config["distill"]["losses"] or {} if name in LOSSES and name not in usable)
             if extra:
-                raise ValueError(f"distill.losses: method {cls.name} trains with {', '.join(cls.losses)} only, "
+                raise ValueError(f"distill.losses: method {cls.name} trains with {', '.join(usable)} only, "
                                  f"not {', '.join(extra)}; set distill.losses accordingly")
+
+    @classmethod
+    def takes(cls, loss: type) -> bool:
+        """Whether this method's devices can train with ``loss``, by what the loss reads."""
+        return (cls.takes_teacher or not loss.reads_teacher) and (cls.takes_maps or not loss.reads_maps)
 
     # --- what the stages call ----------------------------------------------------------------
     def plan(self) -> dict:
         raise NotImplementedError
 
     def check_plan(self, plan: dict) -> None:
-        """Refuse a checkpoint's plan that no longer fits the run (one-line RuntimeError)."""
+        """Refuse a checkpoint's plan that is not the one the config gives now (one-line RuntimeError)."""
+        current = self.plan()
+        if plan != current:
+            raise RuntimeError(f"the devices in {self.setting.run_dir / 'students'} were trained with {plan}, the "
+                               f"config now gives {current}; rerun `nonn distill --force`")
 
     def build(self, plan: dict) -> nn.Module:
         raise NotImplementedError
@@ -122,8 +135,6 @@ class Method:
 
     def export(self, model: nn.Module, plan: dict, out_dir: Path, calibration: torch.Tensor, extra: dict) -> dict:
         """Write the bundle (devices side by side + aggregator); returns its manifest."""
-        from students.export import export_bundle
-
         e, dm = self.config["export"], self.dm
         return export_bundle(model, out_dir, image_shape=dm.image_shape, class_names=dm.class_names,
                              calibration_images=calibration, transport=e["transport"], int8_weights=e["int8_weights"],

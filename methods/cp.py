@@ -11,24 +11,12 @@ from torch import nn
 from distill.losses import check_kd_options
 from distill.modules import DistillModule
 from methods.base import Method, register
-from students.networks import FeatureClassifier
+from students.networks import FeatureClassifier, batched
 from students.registry import build_model
-from students.split import Combiner, GatherModel
+from students.split import Combiner, GatherModel, LogitDevice
 
 LOST_CLASS_SCORE = -1.0e4  # what a missing device's classes score (finite, so fp16 transport keeps it)
 GROUPINGS = ("contiguous", "confusion")
-
-
-class GroupDevice(nn.Module):
-    """Images -> scores of this device's classes only."""
-
-    def __init__(self, net: FeatureClassifier) -> None:
-        super().__init__()
-        self.net = net
-        self.out_width = net.num_classes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class ClassGroups(Combiner):
@@ -117,9 +105,7 @@ class ClassGroupModule(DistillModule):
             self.register_buffer(f"group_{i}", torch.tensor(g, dtype=torch.long), persistent=False)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y, *pooled = batch
-        x = self._input(x)
-        t = self.teacher_targets(x, pooled)
+        x, y, t = self.unpack(batch)
         teacher_logits = None if t is None else t.logits
         scores = [d(x) for d in self.model.devices]
         combined = self.model.aggregator.combine(torch.cat(scores, dim=1))
@@ -135,7 +121,7 @@ class ClassParallel(Method):
     label = "class parallelism"
     sends = "the scores of its own classes"
     options = {"groups": 2, "grouping": "contiguous", "arch": "wrn_10_1"}
-    losses = ("ce", "kd")
+    takes_maps = False  # its devices score their own classes: no map to compare with the teacher's
 
     @classmethod
     def check_options(cls, opts: dict) -> None:
@@ -145,7 +131,6 @@ class ClassParallel(Method):
             raise ValueError(f"method_options.cp.grouping = {opts['grouping']!r}; choose one of {', '.join(GROUPINGS)}")
 
     def plan(self) -> dict:
-        from distill.evaluate import batched
 
         dm, k = self.dm, self.opts["groups"]
         if k > dm.num_classes:
@@ -161,7 +146,7 @@ class ClassParallel(Method):
 
     def build(self, plan: dict) -> GatherModel:
         dm = self.dm
-        devices = [GroupDevice(build_model(self.opts["arch"], dm.image_shape[0], len(g), dm.mean, dm.std))
+        devices = [LogitDevice(build_model(self.opts["arch"], dm.image_shape[0], len(g), dm.mean, dm.std))
                    for g in plan["groups"]]
         return GatherModel(devices, ClassGroups(plan["groups"]), dm.num_classes)
 

@@ -4,7 +4,7 @@ signal: against NoNN it isolates what the distillation adds."""
 from __future__ import annotations
 
 from distill.modules import NoNNModule
-from methods.base import register
+from methods.base import Method, register
 from methods.nonn import NoNN
 from students.unified import UnifiedStudent
 
@@ -16,7 +16,7 @@ class LCP(NoNN):
     sends = "its pooled feature vector"
     options = {"branches": 2, "width": 64}
     uses_partition = False
-    losses = ("ce",)
+    takes_teacher = False  # LCP trains from labels alone
 
     @classmethod
     def check_options(cls, opts: dict) -> None:
@@ -27,11 +27,7 @@ class LCP(NoNN):
     def plan(self) -> dict:
         return {"widths": [self.opts["width"]] * self.opts["branches"]}
 
-    def check_plan(self, plan: dict) -> None:
-        if plan != self.plan():
-            raise RuntimeError(f"the branches in {self.setting.run_dir / 'students'} were trained with widths "
-                               f"{plan.get('widths')}, the config asks for {self.plan()['widths']}; "
-                               "rerun `nonn distill --force`")
+    check_plan = Method.check_plan  # NoNN's names the partition file, which LCP does not read
 
     def build(self, plan: dict) -> UnifiedStudent:
         return self._build(plan["widths"])

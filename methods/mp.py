@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bundle.export import export_chain
 from methods.base import Method, register
 from students.model_parallel import split_modules
 
@@ -50,8 +51,6 @@ def export_teacher_chain(method: Method, num_devices: int, out_dir: Path, calibr
                          extra: dict) -> dict:
     """The teacher's MAC-balanced chain bundle over ``num_devices``; the export stage also writes one beside
     every other method's bundle (``export_mp/``), the baseline its report compares bytes against."""
-    from students.export import export_chain
-
     dm, arch = method.dm, method.config["teacher"]["arch"]
     segments = split_modules(method.teacher, num_devices, dm.image_shape)
     return export_chain(segments, out_dir, image_shape=dm.image_shape, class_names=dm.class_names,

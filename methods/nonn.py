@@ -2,9 +2,9 @@
 trained jointly with one shared classifier over their pooled vectors. The plan is the partition stage's."""
 from __future__ import annotations
 
-from distill.loading import teacher_map_size
 from distill.modules import NoNNModule
 from methods.base import Method, register
+from partitioning.artifacts import read_partition
 from students.unified import UnifiedStudent, device_archs
 
 
@@ -20,7 +20,6 @@ class NoNN(Method):
         return {"partitions": self.partition_file()["partitions"]}
 
     def partition_file(self) -> dict:
-        from partitioning.artifacts import read_partition
 
         return read_partition(self.setting.run_dir / "partition" / "partition.json",
                               teacher_sha256=self.setting.teacher_sha256,
@@ -41,7 +40,7 @@ class NoNN(Method):
     def _build(self, widths: list[int]) -> UnifiedStudent:
         dm = self.dm
         return UnifiedStudent.build(self.config["distill"]["students"], widths, dm.image_shape[0], dm.num_classes,
-                                    dm.mean, dm.std, teacher_map_size(self.teacher, dm.image_shape))
+                                    dm.mean, dm.std, self.teacher.map_size(dm.image_shape))
 
     def module(self, model: UnifiedStudent, plan: dict) -> NoNNModule:
         d = self.config["distill"]

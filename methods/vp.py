@@ -68,9 +68,7 @@ class VariantModule(DistillModule):
         self.losses = built
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y, *pooled = batch
-        x = self._input(x)
-        t = self.teacher_targets(x, pooled)
+        x, y, t = self.unpack(batch)
         teacher_logits = None if t is None else t.logits
         total = x.new_zeros((), dtype=torch.float32)
         for i, device in enumerate(self.model.devices):
@@ -89,7 +87,7 @@ class VariantParallel(Method):
     sends = "its top-k (class, probability) pairs, 2k numbers"
     # scale: the variant's input side as a fraction of the dataset's (Fashion-MNIST: 1.0 -> 28 px, 0.72 -> 20 px)
     options = {"variants": [{"arch": "wrn_10_1", "scale": 1.0}, {"arch": "wrn_10_1", "scale": 0.72}], "top_k": 3}
-    losses = ("ce", "kd")
+    takes_maps = False  # its devices are whole classifiers: no map to compare with the teacher's
 
     @classmethod
     def check_options(cls, opts: dict) -> None:
@@ -111,11 +109,6 @@ class VariantParallel(Method):
         side = self.dm.image_shape[-1]
         variants = [{"arch": v["arch"], "resolution": max(8, round(side * v["scale"]))} for v in self.opts["variants"]]
         return {"variants": variants, "top_k": min(self.opts["top_k"], self.dm.num_classes)}
-
-    def check_plan(self, plan: dict) -> None:
-        if plan != self.plan():
-            raise RuntimeError(f"the variants in {self.setting.run_dir / 'students'} were trained as {plan}, the "
-                               f"config asks for {self.plan()}; rerun `nonn distill --force`")
 
     def build(self, plan: dict) -> GatherModel:
         dm = self.dm

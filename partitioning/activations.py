@@ -5,7 +5,7 @@ in memory for a large teacher, and the filter graph needs nothing else.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm

@@ -2,8 +2,8 @@
 as GraphML, and a picture for people (DESIGN.md section 3, run folder)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import networkx as nx
 import numpy as np
@@ -12,7 +12,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from distill.io import atomic_path, read_json, write_json_atomic
+from core.io import atomic_path, read_json, write_json_atomic
 from partitioning.communities import validate_groups
 
 SCHEMA_VERSION = 1

@@ -1,7 +1,7 @@
 """Communities of the filter graph and their assignment to K students (DESIGN.md section 1, steps 4-5)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import community as community_louvain
 import networkx as nx

@@ -10,7 +10,7 @@ this definition, so they agree to rounding even on tied activations.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import networkx as nx
 import numpy as np

@@ -5,7 +5,7 @@ when they miss the deadline it answers zero logits (no information: MP has no fa
 
 A request opens only when its image is seen on ``input`` (the source's topic). It is answered as soon
 as all K vectors are in, or when ``deadline_ms`` has passed since it opened; each missing device is
-filled with its training-mean vector exactly as evaluation does (``students.bundle.fill_vectors``), and
+filled with its training-mean vector exactly as evaluation does (``bundle.format.fill_vectors``), and
 the answer's flags name the devices that were filled. Messages for a request already answered are
 counted as late and dropped.
 
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bundle.format import aggregator_input, fill_vectors, is_chain, read_manifest
+from serve import defaults
 from serve.device import INPUT_DTYPES, images_from
 from serve.endpoint import Endpoint
 from serve.mqtt import Broker, Link, topic
-from serve.wire import (KIND_DEVICE, KIND_INPUT, KIND_OUTPUT, Message, WireError, bundle_key, decode, encode,
-                        peek_device)
-from students.bundle import aggregator_input, fill_vectors, is_chain, read_manifest
+from serve.wire import KIND_DEVICE, KIND_INPUT, KIND_OUTPUT, Message, WireError, bundle_key, decode, encode, peek_device
 
 ANSWERED_MEMORY = 100_000  # request ids remembered after answering, to recognise late vectors
 EARLY_PER_DEVICE = 64      # vectors held per device for requests whose image has not been seen yet
@@ -48,7 +48,7 @@ class Pending:
 
 class Aggregator(Endpoint):
     def __init__(self, bundle_dir: str | Path, broker: Broker, credentials: tuple[str, str],
-                 deadline_ms: float = 50.0, link: Link | None = None, threads: int = 1) -> None:
+                 deadline_ms: float = defaults.DEADLINE_MS, link: Link | None = None, threads: int = 1) -> None:
         import onnxruntime as ort
 
         if deadline_ms <= 0:

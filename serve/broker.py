@@ -18,12 +18,12 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
+from bundle.format import is_chain
 from serve.mqtt import RuntimeSetupError, topic
-from students.bundle import is_chain
 
 PBKDF2_ITERATIONS = 101  # Mosquitto's own default for $7$ hashes
 SOURCE = "source"  # the client that publishes images and reads answers (``nonn deploy``, or yours)
@@ -48,7 +48,7 @@ class Users:
     chain: bool = False  # device i > 0 reads dev/<i-1> instead of input
 
     @classmethod
-    def of(cls, manifest: dict) -> "Users":
+    def of(cls, manifest: dict) -> Users:
         return cls(manifest["manifest_sha256"][:12], len(manifest["devices"]), is_chain(manifest))
 
     def names(self) -> list[str]:

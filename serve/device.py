@@ -11,16 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
+from bundle.format import is_chain, model_images, read_manifest
 from serve.endpoint import Endpoint
 from serve.mqtt import Broker, Link, topic
 from serve.wire import KIND_DEVICE, KIND_INPUT, WireError, bundle_key, decode, encode
-from students.bundle import is_chain, model_images, read_manifest
 
 INPUT_DTYPES = (np.dtype("uint8"), np.dtype("float32"))
 
 
 def images_from(payload: np.ndarray) -> np.ndarray:
-    """float32 images in [0, 1] exactly as ``Bundle.predict`` makes them (``students.bundle.model_images``)."""
+    """float32 images in [0, 1] exactly as ``Bundle.predict`` makes them (``bundle.format.model_images``)."""
     try:
         return model_images(payload, payload.shape[1:])
     except ValueError as e:

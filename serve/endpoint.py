@@ -11,7 +11,7 @@ import json
 import signal
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 

@@ -35,7 +35,7 @@ class Broker:
     ca_file: str | None = None
 
     @classmethod
-    def parse(cls, url: str, ca_file: str | None = None) -> "Broker":
+    def parse(cls, url: str, ca_file: str | None = None) -> Broker:
         """``mqtt://host:port`` or ``mqtts://host:port`` (TLS; ``ca_file`` verifies a private CA)."""
         parsed = urlparse(url)
         if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
@@ -136,7 +136,7 @@ class Link:
         self.latency_ms = latency_ms
         self.scope = scope
 
-    def for_role(self, role: str) -> "Link":
+    def for_role(self, role: str) -> Link:
         """The link a sender of this role uses: this one, or an unshaped one when out of scope."""
         return self if self.scope == "all" or role == "device" else Link()
 

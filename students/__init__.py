@@ -1,1 +1,2 @@
-"""Student and teacher architectures, the unified NoNN student model, and the export bundle."""
+"""Architectures (teacher and students), the unified NoNN student, the side-by-side and layer-wise
+splits, and their size and compute."""

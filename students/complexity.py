@@ -1,7 +1,7 @@
 """Size and compute of a module: parameters, fp32 weight bytes, MACs per image (counted, not estimated)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -1,7 +1,7 @@
 """Small layers shared by every architecture."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

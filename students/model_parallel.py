@@ -1,7 +1,7 @@
 """Model-parallel baseline: the teacher split layer by layer across K devices.
 
 Each cut sends a whole intermediate feature map to the next device; NoNN's devices send only their
-pooled |P_i|-vectors. Cuts are placed to balance MACs between devices. ``students.export.export_chain``
+pooled |P_i|-vectors. Cuts are placed to balance MACs between devices. ``bundle.export.export_chain``
 turns the segments into a chain bundle that the evaluate stage and ``nonn deploy`` run for real.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ logits. With ``num_classes=0`` the network has no classifier head (a NoNN studen
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -34,6 +34,17 @@ class FeatureClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x).mean(dim=(2, 3)))
+
+    @torch.no_grad()
+    def map_size(self, image_shape: Sequence[int]) -> tuple[int, int]:
+        """(rows, columns) of the final feature map for images of ``image_shape`` (C, H, W)."""
+        return tuple(self.eval().forward_features(torch.zeros(1, *image_shape)).shape[-2:])
+
+
+@torch.no_grad()
+def batched(fn, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """``fn`` over ``images`` in batches (bounded memory on the whole test split), concatenated."""
+    return torch.cat([fn(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
 def _init_weights(model: nn.Module) -> None:

@@ -1,8 +1,8 @@
 """Architecture registry: one name per constructor, as the YAML configs name them."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Sequence
 
 from students.networks import FeatureClassifier, cifar_resnet, mobilenet_v2, wide_resnet
 

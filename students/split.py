@@ -7,7 +7,7 @@ way in training, evaluation, the exported bundle and the runtime.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -47,6 +47,18 @@ class Combiner(nn.Module):
             span = self.slices()[i]
             z[:, span] = fill[span]
         return z
+
+
+class LogitDevice(nn.Module):
+    """A device that is a whole classifier and sends its logits (or, with fewer classes, its group's scores)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.out_width = net.num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 class GatherModel(nn.Module):

@@ -7,7 +7,7 @@ applies one linear layer; a missing device's vector is replaced by its training 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,7 @@ class UnifiedStudent(GatherModel):
 
     @classmethod
     def build(cls, archs: Sequence[str], widths: Sequence[int], in_channels: int, num_classes: int,
-              mean: Sequence[float], std: Sequence[float], out_size: tuple[int, int]) -> "UnifiedStudent":
+              mean: Sequence[float], std: Sequence[float], out_size: tuple[int, int]) -> UnifiedStudent:
         archs = device_archs(archs, len(widths))
         if any(w < 1 for w in widths):
             raise ValueError(f"every partition needs at least one filter, got sizes {list(widths)}")

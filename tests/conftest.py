@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import load_config
+from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import rows
-from distill.cli import build_parser
-from distill.config import load_config
+from pipeline.cli import build_parser
+from pipeline.config import load_config
 
 SPEC = rows.load_spec()
 ALL_ROWS = [(table, row) for table, t in SPEC["tables"].items() for row in t["rows"]]
@@ -18,15 +18,17 @@ ALL_ROWS = [(table, row) for table, t in SPEC["tables"].items() for row in t["ro
 @pytest.mark.parametrize("table,row", ALL_ROWS)
 def test_row_commands_resolve_to_valid_configs(table, row, tmp_path):
     for cmd in rows.commands_for(SPEC, table, row, seed=1, run_dir=tmp_path):
-        assert cmd[1:3] == ["-m", "distill"]
+        assert cmd[1:3] == ["-m", "pipeline"]
         args, overrides = build_parser().parse_known_args(cmd[3:])
         config = load_config(args.config, overrides)
         teacher = SPEC["tables"][table].get("teacher", SPEC["teacher"])  # a table may train its own (null)
         assert config["seed"] == 1 and config["teacher"]["checkpoint"] == teacher
         for key, value in {**SPEC["tables"][table].get("overrides", {}),
                            **SPEC["tables"][table]["rows"][row].get("overrides", {})}.items():
-            section, name = key.split(".", 1)
-            assert config[section][name] == value, key
+            node = config
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, key
 
 
 def test_tables_render_from_records(tmp_path, monkeypatch):
@@ -51,7 +53,7 @@ def test_tables_render_from_records(tmp_path, monkeypatch):
     rows.render_tables()
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("end\n") and "old" not in text
-    line = next(l for l in text.splitlines() if l.startswith("| NoNN K=2"))
+    line = next(t for t in text.splitlines() if t.startswith("| NoNN K=2"))
     # mean ± sample std over the two seeds: 91.00 ± 1.41; failures: mean of [0.7, 0.8] per seed = 75.00 ± 0.00
     assert ("| 91.00 ± 1.41 | 2 | 92.00 ± 1.41 | 81,136 | 9.55 M | 512 B | 75.00 ± 0.00 | no device left | 100 s |"
             in line)

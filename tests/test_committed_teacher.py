@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 
-from distill.io import sha256_file
-from students.registry import build_model
+from core.io import sha256_file
 from distill.checkpoints import load_weights
+from students.registry import build_model
 from tests.conftest import ROOT
 
 TEACHERS = ROOT / "benchmarks" / "teachers"

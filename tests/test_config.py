@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import DEFAULTS, ConfigError, load_config, parse_overrides
+from pipeline.config import DEFAULTS, ConfigError, load_config, parse_overrides
 from tests.conftest import TINY
 
 
@@ -98,7 +98,7 @@ def test_non_utf8_config_is_one_line_error(tmp_path: Path):
 
 
 def test_cli_refuses_bad_value_before_touching_the_run(tmp_path: Path, capsys):
-    from distill.cli import main
+    from pipeline.cli import main
 
     run_dir = tmp_path / "run"
     (run_dir / "teacher").mkdir(parents=True)

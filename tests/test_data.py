@@ -1,7 +1,7 @@
 import torch
 
-from distill.augment import augment_batch
-from distill.data import ImageDataModule, TensorBatches
+from imagedata.augment import augment_batch
+from imagedata.data import ImageDataModule, TensorBatches
 
 
 def test_split_is_seeded_and_disjoint(tiny_config):

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill import datasets
-from distill.datasets import DataError, download, load_cifar, load_fashion_mnist, read_idx
+from imagedata import datasets
+from imagedata.datasets import DataError, download, load_cifar, load_fashion_mnist, read_idx
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
@@ -180,7 +180,7 @@ def test_corrupt_deflate_stream_is_a_one_line_error(tmp_path: Path):
 
 
 def test_labels_out_of_range_and_empty_data_dir_are_refused_when_read(tmp_path: Path, monkeypatch):
-    from distill.datasets import load_raw
+    from imagedata.datasets import load_raw
 
     write_fashion_files(tmp_path, monkeypatch)
     cfg = {"dataset": "fashion_mnist", "data_dir": str(tmp_path), "download": False}

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.config import load_config
-from distill.evaluate import batched
-from distill.context import Context
-from distill.loading import load_teacher
+from pipeline.config import load_config
+from pipeline.context import Context
+from pipeline.loading import load_teacher
+from students.networks import batched
 from tests.conftest import ROOT, TINY
+
+pytestmark = pytest.mark.slow  # the whole pipeline or real processes: `pytest -m 'not slow'` skips it
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.processes", "2", "--trainer.accelerator", "cpu",
        "--trainer.num_threads", "1"]
@@ -26,7 +28,7 @@ def nonn(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
     for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
         env.pop(var, None)  # a fresh launch, whatever the test process carries
-    return subprocess.run([sys.executable, "-m", "distill", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 
 

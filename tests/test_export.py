@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from students.bundle import Bundle, BundleError
-from students.bundle_torch import TorchBundle
-from students import export as export_module
-from students.export import export_bundle
+from bundle import export as export_module
+from bundle.export import export_bundle
+from bundle.format import Bundle, BundleError
+from bundle.torch_runner import TorchBundle
 from students.unified import UnifiedStudent
-from tests.helpers import CLASSES, DEVICE_ENTRIES, IMAGE_SHAPE, PARTITIONS, WIDTHS, images as _images, tiny_student
+from tests.helpers import CLASSES, DEVICE_ENTRIES, IMAGE_SHAPE, PARTITIONS, WIDTHS, tiny_student
+from tests.helpers import images as _images
 
 BYTES_PER_NUMBER = {"fp32": 4, "fp16": 2, "int8": 1}
 
@@ -193,7 +194,7 @@ def test_edited_manifest_field_is_refused(bundles, tmp_path, loader):
 
 
 def test_loader_does_not_import_torch():
-    code = "import sys; import students.bundle; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys; import bundle.format; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 

@@ -28,9 +28,10 @@ def test_stitched_rows_are_the_teachers_at_every_cut(arch, shape, capacities):
     model = _teacher(arch, shape[0])
     x = torch.rand(4, *shape)
     layers = len(list(model.body.children()))
+    every = 4 if layers > 12 else 1  # MobileNetV2's 19 layers: every 4th cut keeps the test short
     with torch.no_grad():
         expected = model(x)
-        for cut in range(1, layers + 1):
+        for cut in range(1, layers + 1, every):
             reach = layer_reach(model, cut, shape)
             if reach.out_shape[1] < len(capacities):
                 continue

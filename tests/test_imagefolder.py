@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill import imagefolder
-from distill.datasets import DataError, load_cifar, load_raw
-from distill.imagefolder import read_image_folder
+from imagedata import imagefolder
+from imagedata.datasets import DataError, load_cifar, load_raw
+from imagedata.imagefolder import read_image_folder
 
 CLASSES = ("dog", "cat", "bird")  # written in this order; labels follow the sorted names: bird 0, cat 1, dog 2
 
@@ -69,7 +69,7 @@ def test_zip_one_folder_down_equals_the_folder_and_val_split_is_used(tmp_path: P
         np.testing.assert_array_equal(from_zip.labels[split], from_folder.labels[split])
     assert from_zip.images["val"].shape == (3, 1, 8, 8)
 
-    from distill.data import ImageDataModule
+    from imagedata.data import ImageDataModule
 
     dm = ImageDataModule({**data_cfg(tmp_path / "set.zip"), "split_seed": 0, "val_size": 5000, "train_subset": None,
                           "test_subset": None}, seed=0)

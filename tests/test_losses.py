@@ -6,8 +6,16 @@ import math
 import pytest
 import torch
 
-from distill.losses import (AttentionMapTransfer, AttentionMapTransferConcat, CrossEntropy, DistillBatch,
-                            FilterTransfer, FilterTransferPerStudent, KnowledgeDistillation, build_losses)
+from distill.losses import (
+    AttentionMapTransfer,
+    AttentionMapTransferConcat,
+    CrossEntropy,
+    DistillBatch,
+    FilterTransfer,
+    FilterTransferPerStudent,
+    KnowledgeDistillation,
+    build_losses,
+)
 
 LN3 = math.log(3.0)
 

@@ -10,19 +10,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from distill.cli import main
-from distill.config import ConfigError, load_config
+from bundle.format import Bundle
 from distill.modules import DistillModule
 from methods import METHODS
 from methods.base import Method, register
 from methods.cp import ClassGroups, group_classes
 from methods.vp import TopKSum, VariantDevice
-from students.bundle import Bundle
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config
 from students.registry import build_model
-from students.split import Combiner, GatherModel
+from students.split import Combiner, GatherModel, LogitDevice
 from tests.conftest import TINY
+
+pytestmark = pytest.mark.slow  # the whole pipeline or real processes: `pytest -m 'not slow'` skips it
 
 KD = "{kd: {alpha: 0.9, temperature: 4.0}}"
 RUNS = {  # method -> extra options for the tiny profile
@@ -101,15 +102,15 @@ def test_mp_has_no_answer_with_a_device_down_and_matches_the_teacher(runs):
 
 
 def test_lcp_trains_without_the_teacher_and_refuses_other_widths(runs):
-    from distill.context import Context
-    from distill.loading import load_trained
+    from pipeline.context import Context
+    from pipeline.loading import load_trained
 
     ctx = Context(load_config(runs["lcp"] / "config.yaml"), runs["lcp"])
     method, model, plan = load_trained(ctx, ctx.datamodule())
     assert plan == {"widths": [8, 8]}
     assert method.module(model, plan).teacher is None
     wider = Context(load_config(runs["lcp"] / "config.yaml", ["--method_options.lcp.width", "16"]), runs["lcp"])
-    with pytest.raises(RuntimeError, match="trained with widths \\[8, 8\\]"):
+    with pytest.raises(RuntimeError, match=r"trained with \{'widths': \[8, 8\]\}, the config now gives \{'widths': \[16, 16\]\}"):
         load_trained(wider, wider.datamodule())
 
 
@@ -131,7 +132,7 @@ def test_halp_is_the_teacher_exactly_and_a_lost_device_costs_accuracy_not_the_an
 def test_vp_and_cp_bundles_run_over_mqtt_like_in_process(runs, name, tmp_path):
     """The runtime knows no method: devices send what their graphs return, the aggregator's graph combines.
     The drill kills device 0: the answers while it is down equal the bundle's without it."""
-    from serve.deploy import run_deploy
+    from pipeline.deploy import run_deploy
 
     bundle_dir = runs[name] / "export"
     pixels = (np.random.default_rng(1).random((60, 1, 16, 16)) * 255).round().astype(np.uint8)
@@ -204,16 +205,6 @@ def test_resolved_config_records_the_method_defaults(tmp_path):
 
 # --- a method added in one place ---------------------------------------------------------------
 
-class _LogitDevice(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.out_width = net.num_classes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 class _LogitSum(Combiner):
     kind = "logit_sum"
 
@@ -247,7 +238,7 @@ class _LogitEnsemble(Method):
 
     def build(self, plan: dict) -> GatherModel:
         dm = self.dm
-        nets = [_LogitDevice(build_model("wrn_10_1", dm.image_shape[0], dm.num_classes, dm.mean, dm.std))
+        nets = [LogitDevice(build_model("wrn_10_1", dm.image_shape[0], dm.num_classes, dm.mean, dm.std))
                 for _ in range(plan["devices"])]
         return GatherModel(nets, _LogitSum(plan["devices"], dm.num_classes), dm.num_classes)
 

@@ -9,11 +9,20 @@ import networkx as nx
 import pytest
 import torch
 
-from distill.config import DEFAULTS
-from partitioning import (PARTITION_MODES, assign_partitions, build_filter_graph, collect_activations,
-                          compute_partition, detect_communities, read_partition, reference_activation_hub,
-                          to_networkx, write_partition)
+from partitioning import (
+    PARTITION_MODES,
+    assign_partitions,
+    build_filter_graph,
+    collect_activations,
+    compute_partition,
+    detect_communities,
+    read_partition,
+    reference_activation_hub,
+    to_networkx,
+    write_partition,
+)
 from partitioning.artifacts import filter_owners
+from pipeline.config import DEFAULTS
 from students.registry import build_model
 
 GROUPS, GROUP_SIZE = 4, 16

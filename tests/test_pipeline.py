@@ -11,16 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.cli import main
-from distill.config import load_config
-from distill.context import Context
-from distill.io import sha256_file
-from distill.loading import load_trained
+from bundle.format import read_manifest
+from core.io import sha256_file
 from distill.modules import PLAN_KEY, NoNNModule
-from distill.records import STAGES
-from distill.stages import run_stage
-from students.bundle import read_manifest
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.context import Context
+from pipeline.loading import load_trained
+from pipeline.records import STAGES
+from pipeline.stages import run_stage
 from tests.conftest import TINY
+
+pytestmark = pytest.mark.slow  # the whole pipeline or real processes: `pytest -m 'not slow'` skips it
 
 
 @pytest.fixture(scope="session")
@@ -154,12 +156,12 @@ def test_a_loss_that_becomes_non_finite_fails_the_stage_and_keeps_the_students(f
 
 
 def test_python_dash_m_entry_point():
-    out = subprocess.run([sys.executable, "-m", "distill", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=True)
     assert "partition" in out.stdout and "evaluate" in out.stdout
 
 
 def test_independent_script_reproduces_the_reported_accuracy(finished_run, tmp_path):
-    from distill.data import ImageDataModule
+    from imagedata.data import ImageDataModule
 
     run_dir = finished_run
     dm = ImageDataModule(load_config(TINY)["data"], seed=0)
@@ -207,7 +209,7 @@ def test_export_uses_the_filter_lists_the_students_were_trained_on(finished_run,
 def test_validation_only_training_never_reads_the_test_set(finished_run, tmp_path, monkeypatch, capsys):
     """A sweep chooses by validation: with trainer.test false the distill stage trains and records its best
     validation accuracy without asking the data module for the test set."""
-    from distill.data import ImageDataModule
+    from imagedata.data import ImageDataModule
 
     def refuse(self):
         raise AssertionError("the test set was read")

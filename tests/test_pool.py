@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from distill.augment import apply_views
-from distill.cli import main
-from distill.data import TensorBatches
 from distill.modules import NoNNModule
 from distill.pool import TeacherPool, open_pool, pool_key, prepare_pool
+from imagedata.augment import apply_views
+from imagedata.data import TensorBatches
+from pipeline.cli import main
 from students.registry import build_model
 from students.unified import UnifiedStudent
 from tests.conftest import TINY
@@ -67,7 +67,7 @@ def test_batches_show_one_stored_view_per_image_and_vary_it_by_epoch(tmp_path: P
     images, labels = data
     pool = build(tmp_path / "pool", images, labels)
     ordered = TensorBatches(images, labels, batch_size=8, padding=2, hflip=True, pool=pool)  # image i at row i
-    for x, y, targets in ordered:
+    for x, _y, targets in ordered:
         assert x.shape == (8, 1, 16, 16) and targets.logits.shape == (8, 4)
     x, y, targets = next(iter(ordered))
     for i in range(8):  # the image is one of its stored views, and the targets are that very view's

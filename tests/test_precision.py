@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from distill.precision import resolve_precision
-from distill.context import Context
-from distill.stages import run_stage
+from pipeline.context import Context
+from pipeline.stages import run_stage
 
 
 @pytest.fixture

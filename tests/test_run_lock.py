@@ -5,8 +5,8 @@ import os
 import subprocess
 import sys
 
-from distill.cli import main
-from distill.io import run_lock
+from core.io import run_lock
+from pipeline.cli import main
 from tests.conftest import ROOT, TINY
 
 
@@ -22,7 +22,7 @@ def test_second_process_on_a_run_folder_is_refused(tmp_path, capsys):
 def test_lock_of_a_dead_process_is_taken_over(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.run([sys.executable, "-c", "import os, sys; from pathlib import Path; "
-                             "from distill.io import run_lock; lock = run_lock(Path(sys.argv[1])); "
+                             "from core.io import run_lock; lock = run_lock(Path(sys.argv[1])); "
                              "lock.__enter__(); os._exit(0)", str(run_dir)], cwd=ROOT, check=True)
     assert holder.returncode == 0 and (run_dir / ".lock").read_text().strip().isdigit()  # died holding it
     with run_lock(run_dir):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,18 +19,20 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 import torch
+import yaml
 
+from bundle.export import export_bundle
+from bundle.format import Bundle, read_manifest
+from pipeline.deploy import Fleet, Source, run_deploy
 from serve import wire
 from serve.broker import SOURCE, Users, free_port, start_broker, write_broker_files
-from serve.deploy import Fleet, Source, run_deploy
 from serve.mqtt import Broker, Link, RuntimeSetupError, connect, read_credentials, topic
-from students.bundle import Bundle, read_manifest
-from students.export import export_bundle
+from tests.conftest import TINY
 from tests.helpers import CLASSES, DEVICE_ENTRIES, IMAGE_SHAPE, WIDTHS, images, tiny_student
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
-                                reason="mosquitto is not installed (setup.sh installs it)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
+                                reason="mosquitto is not installed (setup.sh installs it)")]
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +178,7 @@ import atexit, json, sys
 for name in ("torch", "pytorch_lightning", "lightning", "torchmetrics"):
     sys.modules[name] = None  # any import of these now raises ImportError
 atexit.register(lambda: open(sys.argv[1], "w").write(json.dumps(sorted(k for k, v in sys.modules.items() if v))))
-from distill.cli import main
+from pipeline.cli import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -208,8 +211,9 @@ def test_device_and_aggregator_run_with_torch_unimportable(bundle: Path, broker,
     for name in roles:
         modules = json.loads((tmp_path / f"{name}.json").read_text())
         assert not [m for m in modules if m.split(".")[0] in ("torch", "pytorch_lightning", "onnx")]
-        ours = {m for m in modules if m.split(".")[0] in ("distill", "students", "partitioning", "serve")}
-        assert ours <= {"distill", "distill.cli", "students", "students.bundle", "serve", "serve.cli",
+        ours = {m for m in modules if m.split(".")[0] in ("core", "students", "imagedata", "bundle", "partitioning",
+                                                          "distill", "methods", "serve", "pipeline")}
+        assert ours <= {"pipeline", "pipeline.cli", "bundle", "bundle.format", "serve", "serve.cli", "serve.defaults",
                         "serve.mqtt", "serve.wire", "serve.endpoint", "serve.device", "serve.aggregator"}, ours
 
 
@@ -339,7 +343,7 @@ def test_rejected_credentials_are_one_line_errors(bundle: Path, broker, tmp_path
 def test_runtime_cli_errors_are_one_line(bundle: Path, broker, tmp_path: Path, args, message):
     _, credentials, _ = broker
     fill = {"missing": str(tmp_path / "nowhere"), "bundle": str(bundle), "cred": str(credentials["device_0"])}
-    result = subprocess.run([sys.executable, "-m", "distill", *[a.format(**fill) for a in args]], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "pipeline", *[a.format(**fill) for a in args]], cwd=ROOT,
                             capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr
@@ -350,7 +354,7 @@ def test_runtime_cli_errors_are_one_line(bundle: Path, broker, tmp_path: Path, a
 @pytest.fixture(scope="module")
 def chain_bundle(tmp_path_factory: pytest.TempPathFactory):
     """A tiny teacher cut layer-wise over 2 devices (MAC-balanced), exported as a chain bundle."""
-    from students.export import export_chain
+    from bundle.export import export_chain
     from students.model_parallel import split_modules
     from students.registry import build_model
 
@@ -433,7 +437,7 @@ def test_deploy_takes_its_defaults_from_the_run_config(bundle: Path, tmp_path: P
     run = tmp_path / "run"
     shutil.copytree(bundle, run / "export")
     (run / "config.yaml").write_text("deploy:\n  window: 0\n")
-    result = subprocess.run([sys.executable, "-m", "distill", "deploy", "--run-dir", str(run)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "pipeline", "deploy", "--run-dir", str(run)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 1 and "deploy.window = 0: must be at least 1" in result.stderr, result.stderr
 
@@ -443,6 +447,41 @@ def test_deploy_mp_needs_the_export_stages_model_parallel_bundle(bundle: Path, t
     shutil.copytree(bundle, run / "export")
     for args, message in ((["--run-dir", str(run), "--mp"], "no model-parallel bundle; run `nonn export --force`"),
                           (["--bundle", str(run / "export"), "--mp"], "--mp needs --run-dir")):
-        result = subprocess.run([sys.executable, "-m", "distill", "deploy", *args], cwd=ROOT, capture_output=True,
+        result = subprocess.run([sys.executable, "-m", "pipeline", "deploy", *args], cwd=ROOT, capture_output=True,
                                 text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert result.returncode == 1 and message in result.stderr, result.stderr
+
+
+def _processes_naming(path: Path, other_than: int) -> list[int]:
+    """PIDs (Linux /proc) whose command line names ``path``, other than ``other_than``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != other_than:
+            try:
+                if str(path) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_sigterm_stops_deploy_and_every_process_it_started(bundle: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(bundle, run / "export")
+    config = yaml.safe_load(TINY.read_text())
+    config["data"]["synthetic"]["test_size"] = 20_000  # a stream long enough to be stopped halfway
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "deploy", "--run-dir", str(run), "--no-progress"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + 120
+    while len(_processes_naming(run, proc.pid)) < 4 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # the broker, 2 devices and the aggregator
+    assert len(_processes_naming(run, proc.pid)) >= 4, proc.stderr.read() if proc.poll() is not None else "not up"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "stopped by SIGTERM" in err, err
+    deadline = time.monotonic() + 10
+    while _processes_naming(run, proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_naming(run, proc.pid) == []

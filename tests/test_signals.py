@@ -7,12 +7,16 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import ROOT, TINY
+
+pytestmark = pytest.mark.slow  # the whole pipeline or real processes: `pytest -m 'not slow'` skips it
 
 
 def test_sigterm_exits_non_zero_and_the_rerun_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "distill", "teacher", "--config", str(TINY), "--run-dir", str(run_dir),
+    cmd = [sys.executable, "-m", "pipeline", "teacher", "--config", str(TINY), "--run-dir", str(run_dir),
            "--teacher.epochs", "6"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

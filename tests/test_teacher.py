@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from distill.checkpoints import CheckpointError
-from distill.cli import main
 from distill.modules import TeacherModule
-from distill.context import Context
-from distill.loading import load_teacher
-from distill.stages import run_stage
+from pipeline.cli import main
+from pipeline.context import Context
+from pipeline.loading import load_teacher
+from pipeline.stages import run_stage
+
+pytestmark = pytest.mark.slow  # the whole pipeline or real processes: `pytest -m 'not slow'` skips it
 
 
 def test_teacher_trains_is_interrupted_and_resumes(tiny_config, crash_in_second_epoch, monkeypatch, capsys):

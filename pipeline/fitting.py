@@ -12,14 +12,14 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.profilers import SimpleProfiler
 
+from core.io import restore_interrupted_swap, swap_in, write_json_atomic, write_text_atomic
 from distill.checkpoints import checkpoint_epoch
-from distill.context import Context
-from distill.data import ImageDataModule
-from distill.io import restore_interrupted_swap, swap_in, write_json_atomic, write_text_atomic
 from distill.precision import resolve_precision
 from distill.ranks import is_worker, sync_processes
-from distill.records import fingerprint
 from distill.tracking import Tracker, lightning_loggers
+from imagedata.data import ImageDataModule
+from pipeline.context import Context
+from pipeline.records import fingerprint
 
 
 class NonFiniteLoss(RuntimeError):

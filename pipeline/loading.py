@@ -1,13 +1,13 @@
 """The run's trained models, rebuilt from its folder: the teacher, the method and its trained devices."""
 from __future__ import annotations
 
-import torch
-
+from core.io import sha256_file
 from distill.checkpoints import CheckpointError, checkpoint_entry, load_weights
-from distill.context import Context
-from distill.data import ImageDataModule
-from distill.io import sha256_file
 from distill.modules import PLAN_KEY
+from imagedata.data import ImageDataModule
+from methods import METHODS
+from methods.base import Setting
+from pipeline.context import Context
 from students.networks import FeatureClassifier
 from students.registry import build_model
 
@@ -25,16 +25,8 @@ def load_teacher(ctx: Context, dm: ImageDataModule) -> tuple[FeatureClassifier, 
     return teacher.eval(), sha256_file(path)
 
 
-def teacher_map_size(teacher: FeatureClassifier, image_shape: tuple[int, int, int]) -> tuple[int, int]:
-    with torch.no_grad():
-        return tuple(teacher.eval().forward_features(torch.zeros(1, *image_shape)).shape[-2:])
-
-
 def method_for(ctx: Context, dm: ImageDataModule):
     """The run's method (``method:`` in the config) over its data and trained teacher."""
-    from methods import METHODS
-    from methods.base import Setting
-
     teacher, sha = load_teacher(ctx, dm)
     return METHODS[ctx.config["method"]](Setting(ctx.config, dm, teacher, sha, ctx.run_dir))
 

@@ -4,7 +4,7 @@ Each device model ends in the transport encoding (fp32, fp16 cast, or uint8 quan
 per-device scale), and the aggregator starts with the matching decoding, so what crosses the network
 is exactly what the graphs produce and a device needs no code of ours. The bundle is built in a
 temporary folder and moved onto ``out_dir`` only when complete, so a failed export never leaves a
-half-written bundle or destroys the previous one. ``students.bundle`` loads the result.
+half-written bundle or destroys the previous one. ``bundle.format`` loads the result.
 """
 from __future__ import annotations
 
@@ -14,16 +14,17 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
 
-from distill.io import restore_interrupted_swap, sha256_file, swap_in, write_json_atomic
-from students.bundle import FORMAT, SCHEMA_VERSION, TRANSPORTS, manifest_digest
+from bundle.format import FORMAT, SCHEMA_VERSION, TRANSPORTS, manifest_digest
+from core.io import restore_interrupted_swap, sha256_file, swap_in, write_json_atomic
 from students.complexity import count_macs, count_params, weight_bytes
 from students.split import Combiner, CombineRule, GatherModel
 

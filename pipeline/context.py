@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.data import ImageDataModule
+from imagedata.data import ImageDataModule
 
 
 @dataclass

@@ -5,14 +5,31 @@ vectorised tensor operations (see benchmarks/README.md for loader vs training-st
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
 
 import pytorch_lightning as pl
 import torch
 
-from distill.augment import apply_views, augment_batch
-from distill.datasets import RawSplits, load_raw
-from distill.pool import TeacherPool
+from imagedata.augment import apply_views, augment_batch
+from imagedata.datasets import RawSplits, load_raw
+
+
+class StoredViews(Protocol):
+    """Per training image, V stored augmented views and what belongs to each (the distillation's teacher
+    pool): batches show the stored view and carry its targets."""
+
+    folder: Path
+
+    @property
+    def views(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def lookup(self, idx: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """(view parameters [n, 3] as :func:`imagedata.augment.draw_views` makes them, the views' targets)."""
+        ...
 
 
 class TensorBatches:
@@ -26,7 +43,7 @@ class TensorBatches:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
                  padding: int = 0, hflip: bool = False, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world: int = 1, pool: TeacherPool | None = None) -> None:
+                 rank: int = 0, world: int = 1, pool: StoredViews | None = None) -> None:
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside a world of {world} processes")
         self.images, self.labels = images, labels
@@ -70,12 +87,11 @@ class ImageDataModule(pl.LightningDataModule):
         super().__init__()
         self.cfg, self.seed = data_cfg, seed
         self.raw: RawSplits | None = None
-        self.pool: TeacherPool | None = None  # training batches come with the teacher's stored outputs
+        self.pool: StoredViews | None = None  # training batches come with the teacher's stored outputs
 
-    def use_pool(self, pool: TeacherPool | None) -> None:
-        if pool is not None and pool.params.shape[0] != len(self.train[1]):
-            raise ValueError(f"{pool.folder} holds {pool.params.shape[0]} images, the training split "
-                             f"{len(self.train[1])}")
+    def use_pool(self, pool: StoredViews | None) -> None:
+        if pool is not None and len(pool) != len(self.train[1]):
+            raise ValueError(f"{pool.folder} holds {len(pool)} images, the training split {len(self.train[1])}")
         self.pool = pool
 
     def setup(self, stage: str | None = None) -> None:

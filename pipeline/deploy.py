@@ -11,23 +11,30 @@ that device missing, and it must rejoin. Writes ``deploy_report.json`` and ``dep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from distill.hardware import cpu_name
+from bundle.format import Bundle, is_chain, read_manifest
+from core.hardware import cpu_name
+from core.io import write_json_atomic, write_text_atomic
+from imagedata.data import ImageDataModule
+from pipeline.config import load_config
+from serve import defaults
 from serve.broker import SOURCE, Users, device_name, free_port, start_broker, write_broker_files
 from serve.endpoint import STATS_REQUEST
 from serve.mqtt import Broker, Link, RuntimeSetupError, connect, read_credentials, topic
 from serve.wire import KIND_INPUT, KIND_OUTPUT, WireError, bundle_key, decode, encode
-from students.bundle import Bundle, is_chain, read_manifest
 
 GRACE_S = 2.0  # how long past the deadline an answer may take before its request counts as lost
 READY_TIMEOUT_S = 60.0
@@ -243,8 +250,6 @@ def _per_inference(before: dict, after: dict, n: int) -> dict:
 
 def run_config(run_dir: Path | None, manifest: dict) -> dict:
     """The run's resolved config when there is one, else the defaults for the bundle's dataset."""
-    from distill.config import load_config
-
     if run_dir is not None and (run_dir / "config.yaml").exists():
         return load_config(run_dir / "config.yaml", [])
     config = load_config(None, [])
@@ -254,8 +259,6 @@ def run_config(run_dir: Path | None, manifest: dict) -> dict:
 
 def test_split(data: dict, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     """The test images (uint8) and labels, read by the data module the evaluate stage uses."""
-    from distill.data import ImageDataModule
-
     dm = ImageDataModule(dict(data, data_dir=data_dir) if data_dir is not None else data, seed=0)
     dm.setup()  # the test split depends on the data config alone, not on the run's seed
     return dm.test[0].numpy(), dm.test[1].numpy()
@@ -263,8 +266,8 @@ def test_split(data: dict, data_dir: str | None) -> tuple[np.ndarray, np.ndarray
 
 def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.ndarray, *,
                mp_bundle: Path | None = None, broker_url: str | None = None, ca_file: str | None = None,
-               credentials_dir: Path | None = None, deadline_ms: float = 50.0, window: int = 8,
-               drill_images: int = 600, drill_device: int = 0, link: Link | None = None,
+               credentials_dir: Path | None = None, deadline_ms: float = defaults.DEADLINE_MS, window: int = defaults.WINDOW,
+               drill_images: int = defaults.DRILL_IMAGES, drill_device: int = defaults.DRILL_DEVICE, link: Link | None = None,
                bundle_report: dict | None = None, progress: bool = True, external: bool = False) -> dict:
     """Measure ``bundle_dir`` (and ``mp_bundle``, through the same broker) and write deploy_report.json/.md
     into ``out_dir``; returns the report: the bundle's measures, with the MP bundle's under ``model_parallel``.
@@ -454,7 +457,6 @@ def fault_drill(source: Source, fleet: Fleet, images: np.ndarray, labels: np.nda
 
 
 def write_reports(out_dir: Path, report: dict) -> None:
-    from distill.io import write_json_atomic, write_text_atomic
 
     write_json_atomic(out_dir / "deploy_report.json", report)
     write_text_atomic(out_dir / "deploy_report.md", render_markdown(report))
@@ -525,6 +527,24 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+class Terminated(Exception):
+    """SIGTERM arrived during ``nonn deploy``."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into an exception, so that every ``finally`` stops the broker, devices and aggregator
+    it started, as SIGINT does (by default SIGTERM ends Python at once and leaves them running)."""
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def deploy_from_args(args: argparse.Namespace) -> str:
     """``nonn deploy``: every option checked before the data is read or a process starts."""
     if args.broker and not args.credentials_dir:
@@ -551,8 +571,9 @@ def deploy_from_args(args: argparse.Namespace) -> str:
         saved = json.loads((home / "report.json").read_text())
         bundle_report = {**saved.get("method", {}), "failures": saved.get("failures", [])}
     out_dir = args.out or home
-    run_deploy(bundle_dir, out_dir, images, labels, mp_bundle=mp_bundle, broker_url=args.broker, ca_file=args.ca_file,
-               credentials_dir=args.credentials_dir, deadline_ms=options["deadline_ms"], window=options["window"],
-               drill_images=min(options["drill_images"], len(images)), drill_device=options["drill_device"],
-               link=link, bundle_report=bundle_report, progress=args.progress, external=args.external)
+    with sigterm_unwinds():
+        run_deploy(bundle_dir, out_dir, images, labels, mp_bundle=mp_bundle, broker_url=args.broker, ca_file=args.ca_file,
+                   credentials_dir=args.credentials_dir, deadline_ms=options["deadline_ms"], window=options["window"],
+                   drill_images=min(options["drill_images"], len(images)), drill_device=options["drill_device"],
+                   link=link, bundle_report=bundle_report, progress=args.progress, external=args.external)
     return (out_dir / "deploy_report.md").read_text()

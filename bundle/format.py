@@ -10,8 +10,9 @@ import hashlib
 import json
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -177,7 +178,7 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-             use_int8: bool = False) -> "Bundle":
+             use_int8: bool = False) -> Bundle:
         """Verify and load a bundle. ``use_int8`` takes each model's int8-weight file where export wrote one."""
         import onnxruntime as ort
 
@@ -243,7 +244,7 @@ class Bundle:
         times = []
         for session in self.device_sessions:
             feed = {session.get_inputs()[0].name: x}
-            times.append(median_ms(lambda: session.run(None, feed), repeats))
+            times.append(median_ms(lambda s=session, f=feed: s.run(None, f), repeats))
             if self.chain:
                 x = session.run(None, feed)[0]
         return times

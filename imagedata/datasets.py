@@ -12,16 +12,16 @@ import struct
 import tarfile
 import urllib.request
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from distill.imagefolder import ImageFolderError, is_image_folder, read_image_folder
-from distill.io import atomic_path, sha256_file
+from core.io import atomic_path, sha256_file
+from imagedata.imagefolder import ImageFolderError, is_image_folder, read_image_folder
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"

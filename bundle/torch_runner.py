@@ -1,16 +1,16 @@
-"""Run an exported NoNN bundle's TorchScript files: PyTorch alone, no project code beyond ``students.bundle``.
+"""Run an exported NoNN bundle's TorchScript files: PyTorch alone, no project code beyond ``bundle.format``.
 
-Checksums, manifest reading and the failed-device fill come from ``students.bundle``, so both loaders
+Checksums, manifest reading and the failed-device fill come from ``bundle.format``, so both loaders
 refuse the same modified bundles and fill failed devices identically.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from students.bundle import check_missing, fill_vectors, parts, read_manifest
+from bundle.format import check_missing, fill_vectors, parts, read_manifest
 
 
 class TorchBundle:
@@ -25,7 +25,7 @@ class TorchBundle:
         self.fills = [torch.from_numpy(f) for f in fill_vectors(manifest)]
 
     @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "TorchBundle":
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> TorchBundle:
         root, manifest = read_manifest(path)
         models = [torch.jit.load(str(root / p["files"]["torchscript"]), map_location=map_location).eval()
                   for p in parts(manifest)]

@@ -1,7 +1,8 @@
 """``nonn`` command line: one subcommand per stage, ``run`` for all of them in order, and the
 deployment runtime (``serve``, ``deploy``).
 
-Only the standard library is imported up front: ``nonn serve device`` must run where torch is absent.
+Only the standard library and ``serve.cli`` are imported up front: ``nonn serve device`` must run where
+torch is absent, so every command imports what it needs inside its own function.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from serve import defaults
+from serve.cli import add_broker_options, add_link_options, guarded
 from serve.cli import add_commands as add_runtime_commands
 from serve.cli import run as run_runtime
 
@@ -20,6 +23,7 @@ COMMANDS = {"run": "all stages in order, then print report.md",
             "distill": "train the K students jointly",
             "export": "write the per-device bundle",
             "evaluate": "report.json / report.md from the exported bundle"}
+DEPLOY_HELP = "broker + K device processes + aggregator; stream the test split, fault drill, deploy_report"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +39,38 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--run-dir", type=Path, default=None, help="run folder (default: runs/<name>)")
         p.add_argument("--force", action="store_true", help="redo the stage(s) even if up to date")
     add_runtime_commands(sub)
+    add_deploy_command(sub)
     return parser
+
+
+def add_deploy_command(sub: argparse._SubParsersAction) -> None:
+    deploy = sub.add_parser("deploy", help=DEPLOY_HELP, description=DEPLOY_HELP)
+    where = deploy.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run-dir", type=Path, help="a finished run: its export/ and report.json")
+    where.add_argument("--bundle", type=Path, help="an export folder")
+    deploy.add_argument("--out", type=Path, default=None,
+                        help="where deploy_report.json/.md go (default: the run folder, or next to the bundle)")
+    add_broker_options(deploy, required=False)
+    deploy.add_argument("--credentials-dir", type=Path, default=None,
+                        help="with --broker: the credentials/ folder 'nonn serve broker' wrote for that broker")
+    deploy.add_argument("--limit", type=int, default=None, help="stream only the first N test images")
+    deploy.add_argument("--external", action="store_true", help="with --broker: the device and aggregator "
+                        "processes already run elsewhere; wait for them instead of starting them (no fault drill)")
+    # None: the run's config (deploy section), else the built-in default
+    deploy.add_argument("--deadline-ms", type=float, default=None, help=f"default: deploy.deadline_ms ({defaults.DEADLINE_MS:g})")
+    deploy.add_argument("--window", type=int, default=None, help="requests in flight in the throughput phase "
+                        f"(default: deploy.window, {defaults.WINDOW})")
+    deploy.add_argument("--drill-images", type=int, default=None, help="images streamed in the fault drill, 0: "
+                        f"none (default: deploy.drill_images, {defaults.DRILL_IMAGES})")
+    deploy.add_argument("--drill-device", type=int, default=None, help="the device the drill kills "
+                        f"(default: deploy.drill_device, {defaults.DRILL_DEVICE})")
+    deploy.add_argument("--data-dir", default=None, help="dataset folder (default: the run's data.data_dir)")
+    deploy.add_argument("--mp", action="store_true", help="also measure the run's model-parallel baseline "
+                        "(export_mp/: the teacher cut layer-wise) through the same broker, side by side")
+    deploy.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    add_link_options(deploy)
+    deploy.add_argument("--link-scope", choices=("all", "devices"), default="all",
+                        help="who sends through the emulated links: every sender (default) or only the devices")
 
 
 def quiet_known_noise() -> None:
@@ -51,19 +86,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in COMMANDS:
         if overrides:
             parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-        return run_runtime(args)
+        return guarded(run_deploy, args) if args.command == "deploy" else run_runtime(args)
     return run_pipeline(args, overrides)
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    from pipeline.deploy import Terminated, deploy_from_args  # torch: only for this command
+
+    try:
+        print(deploy_from_args(args))
+    except Terminated:
+        print("nonn: stopped by SIGTERM; the broker, devices and aggregator it started are stopped", file=sys.stderr)
+        return 143
+    return 0
 
 
 def run_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from distill.config import ConfigError, load_config, run_dir_of
-    from distill.io import run_lock
+    from core.io import run_lock
     from distill.ranks import is_worker
-    from distill.context import Context
-    from distill.records import STAGES
-    from distill.stages import run_stage
+    from pipeline.config import ConfigError, load_config, run_dir_of
+    from pipeline.context import Context
+    from pipeline.records import STAGES
+    from pipeline.stages import run_stage
 
     quiet_known_noise()
     try:

@@ -12,6 +12,18 @@ from typing import Any
 
 import yaml
 
+from bundle.format import TRANSPORTS
+from distill.losses import build_losses
+from distill.modules import SCHEDULES
+from distill.tracking import WANDB_MODES
+from imagedata.datasets import DATASETS
+from methods import METHODS
+from partitioning.activations import POOLINGS
+from partitioning.communities import PARTITION_MODES
+from partitioning.graph import EDGE_RULES
+from serve import defaults
+from students.registry import ARCHITECTURES
+
 DEFAULTS: dict[str, Any] = {
     "name": "nonn",              # run name: W&B group and default run folder name
     "seed": 0,
@@ -108,10 +120,10 @@ DEFAULTS: dict[str, Any] = {
         "max_failure_subsets": 32,   # beyond K <= 4, this many random subsets per failure count
     },
     "deploy": {                      # nonn deploy (its options override these)
-        "deadline_ms": 50.0,         # the aggregator answers with the devices in by then
-        "window": 8,                 # requests in flight in the throughput phase
-        "drill_images": 600,         # images streamed in the fault drill (0: no drill)
-        "drill_device": 0,           # the device the drill kills
+        "deadline_ms": defaults.DEADLINE_MS,    # the aggregator answers with the devices in by then
+        "window": defaults.WINDOW,              # requests in flight in the throughput phase
+        "drill_images": defaults.DRILL_IMAGES,  # images streamed in the fault drill (0: no drill)
+        "drill_device": defaults.DRILL_DEVICE,  # the device the drill kills
     },
     "wandb": {
         "mode": "auto",              # auto (online with an API key, else offline) | online | offline | disabled
@@ -301,9 +313,6 @@ def _check_ranges(config: dict) -> None:
 
 def _check_components(config: dict) -> None:
     """Names and options that the registries must know, checked before any stage runs."""
-    from distill.losses import build_losses
-    from students.registry import ARCHITECTURES
-
     for dotted, names in (("teacher.arch", [config["teacher"]["arch"]]),
                           ("distill.students", config["distill"]["students"])):
         for name in names:
@@ -319,8 +328,6 @@ def _check_components(config: dict) -> None:
 def _check_method(config: dict) -> None:
     """``method`` names a registered method; ``method_options`` gets the chosen method's defaults filled in,
     and every method it names must know the options given."""
-    from methods import METHODS
-
     name = config["method"]
     if name not in METHODS:
         raise ConfigError(f"method = {name!r}; choose one of {', '.join(METHODS)}")
@@ -349,14 +356,6 @@ def validate(config: dict) -> None:
 
 def _check_choices(config: dict) -> None:
     """Choice keys take the names their registries define (not copies of them)."""
-    from distill.datasets import DATASETS
-    from distill.modules import SCHEDULES
-    from distill.tracking import WANDB_MODES
-    from partitioning.activations import POOLINGS
-    from partitioning.communities import PARTITION_MODES
-    from partitioning.graph import EDGE_RULES
-    from students.bundle import TRANSPORTS
-
     choices = {"data.dataset": DATASETS, "teacher.schedule": SCHEDULES, "distill.schedule": SCHEDULES,
                "partition.pooling": POOLINGS, "partition.edge_rule": EDGE_RULES, "partition.mode": PARTITION_MODES,
                "export.transport": TRANSPORTS, "wandb.mode": WANDB_MODES}

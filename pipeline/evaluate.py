@@ -5,23 +5,19 @@ from __future__ import annotations
 import itertools
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from distill.io import atomic_path, read_json, write_json_atomic, write_text_atomic
-from distill.report import render_markdown
+from bundle.format import Bundle
+from core.io import atomic_path, read_json, write_json_atomic, write_text_atomic
+from distill.tracking import Tracker
+from pipeline.context import Context
+from pipeline.loading import load_trained
+from pipeline.records import mark_done
+from pipeline.report import render_markdown
 from students.complexity import count_macs, count_params, weight_bytes
-
-if TYPE_CHECKING:
-    from distill.context import Context
-    from distill.tracking import Tracker
-
-
-@torch.no_grad()
-def batched(fn, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    return torch.cat([fn(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+from students.networks import batched
 
 
 def failure_subsets(num_devices: int, max_random: int, seed: int) -> list[tuple[int, ...]]:
@@ -44,8 +40,6 @@ def bundle_vectors(bundle, images: torch.Tensor, batch_size: int = 500) -> list[
 def model_parallel_report(bundle_dir: Path, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """The teacher cut layer-wise (the export stage's chain bundle), run in ONNX Runtime like NoNN's:
     its accuracy and, per device, size, MACs and bytes sent. It has no answer when any device fails."""
-    from students.bundle import Bundle
-
     bundle = Bundle.load(bundle_dir)
     logits = bundle.predict_batches(images.numpy(), batch_size=500)
     devices = [{"layers": d["layers"], "params": d["params"], "weight_bytes": d["weight_bytes"], "macs": d["macs"],
@@ -54,10 +48,7 @@ def model_parallel_report(bundle_dir: Path, images: torch.Tensor, labels: torch.
             "bytes_sent_between_devices": sum(d["bytes_sent"] for d in devices[:-1])}
 
 
-def evaluate_run(ctx: "Context", tracker: "Tracker") -> dict:
-    from distill.loading import load_trained, teacher_map_size
-    from distill.records import mark_done
-    from students.bundle import Bundle
+def evaluate_run(ctx: Context, tracker: Tracker) -> dict:
 
     dm = ctx.datamodule()
     method, model, plan = load_trained(ctx, dm)
@@ -92,7 +83,7 @@ def evaluate_run(ctx: "Context", tracker: "Tracker") -> dict:
     shape = dm.image_shape
     teacher_info = {"arch": ctx.config["teacher"]["arch"], "params": count_params(teacher),
                     "weight_bytes": weight_bytes(teacher), "macs": count_macs(teacher, shape),
-                    "feature_map_bytes": teacher.feature_channels * int(np.prod(teacher_map_size(teacher, shape))) * 4}
+                    "feature_map_bytes": teacher.feature_channels * int(np.prod(teacher.map_size(shape))) * 4}
     devices = [{k: d[k] for k in ("name", "arch", "output_width", "params", "weight_bytes", "macs",
                                   "bytes_sent_per_inference")}
                | {"model_file": f, "model_file_bytes": (export_dir / f).stat().st_size}

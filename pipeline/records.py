@@ -8,10 +8,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from distill.config import dump_config, select
-from distill.context import Context
-from distill.io import sha256_file, write_json_atomic, write_text_atomic
+from core.io import sha256_file, write_json_atomic, write_text_atomic
 from distill.ranks import is_worker
+from pipeline.config import dump_config, select
+from pipeline.context import Context
 
 STAGES = ("teacher", "partition", "distill", "export", "evaluate")
 UPSTREAM = {"teacher": None, "partition": "teacher", "distill": "partition", "export": "distill",

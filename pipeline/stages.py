@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
 
-from distill.context import Context
-from distill.data import ImageDataModule
-from distill.fitting import train_and_test
-from distill.io import sha256_file
-from distill.loading import build_teacher, load_teacher, load_trained, method_for
+from core.io import sha256_file
 from distill.modules import DistillModule, TeacherModule
 from distill.pool import pool_key, prepare_pool, wait_for_pool
 from distill.ranks import is_worker, sync_processes
-from distill.records import check_upstream, is_done, mark_done, read_record, save_resolved_config
 from distill.tracking import Tracker
-
+from imagedata.data import ImageDataModule
+from methods import METHODS
+from methods.mp import export_teacher_chain
+from partitioning import collect_activations, compute_partition
+from partitioning.artifacts import write_partition
+from pipeline.context import Context
+from pipeline.evaluate import evaluate_run
+from pipeline.fitting import train_and_test
+from pipeline.loading import build_teacher, load_teacher, load_trained, method_for
+from pipeline.records import check_upstream, is_done, mark_done, read_record, save_resolved_config
 
 TRAINING_STAGES = ("teacher", "distill")
 
@@ -83,9 +87,6 @@ def stage_teacher(ctx: Context, tracker: Tracker) -> dict:
 
 
 def stage_partition(ctx: Context, tracker: Tracker) -> dict:
-    from methods import METHODS
-    from partitioning import collect_activations, compute_partition
-    from partitioning.artifacts import write_partition
 
     if not METHODS[ctx.config["method"]].uses_partition:
         results = {"skipped": f"method {ctx.config['method']} uses no filter partition"}
@@ -154,8 +155,6 @@ def attach_teacher_pool(ctx: Context, dm: ImageDataModule, module: DistillModule
 def stage_export(ctx: Context, tracker: Tracker) -> dict:
     """The method's bundle (``export/``) and, unless the method is that split itself, the teacher cut
     layer-wise over as many devices at MAC-balanced points as its baseline (``export_mp/``)."""
-    from methods.mp import export_teacher_chain
-
     dm = ctx.datamodule()
     method, model, plan = load_trained(ctx, dm)
     calibration = torch.cat([x for x, _ in itertools.islice(dm.val_dataloader(), 4)])
@@ -177,7 +176,6 @@ def stage_export(ctx: Context, tracker: Tracker) -> dict:
 
 
 def stage_evaluate(ctx: Context, tracker: Tracker) -> dict:
-    from distill.evaluate import evaluate_run
 
     return evaluate_run(ctx, tracker)
 

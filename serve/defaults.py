@@ -1,0 +1,8 @@
+"""The runtime's defaults, in one place: the aggregator, ``nonn deploy`` and the config's ``deploy``
+section all read them (standard library only, so ``nonn serve`` stays torch-free)."""
+from __future__ import annotations
+
+DEADLINE_MS = 50.0   # the aggregator answers with the devices in by then
+WINDOW = 8           # requests in flight in deploy's throughput phase
+DRILL_IMAGES = 600   # images streamed in deploy's fault drill (0: no drill)
+DRILL_DEVICE = 0     # the device the drill kills
