@@ -56,6 +56,10 @@ class Method:
     trains: ClassVar[bool] = True             # False: built from the teacher as it is
     mp_baseline: ClassVar[bool] = True        # export and report the teacher's layer-wise split beside it
     transports: ClassVar[tuple[str, ...]] = ("fp32", "fp16")
+    # distill.losses when the config names none: Hinton KD plus NoNN's filter-level activation transfer,
+    # normalised per student (chosen by the validation sweep in benchmarks/README.md)
+    default_losses: ClassVar[dict] = {"kd": {"alpha": 0.9, "temperature": 4.0},
+                                      "filter_transfer_per_student": {"beta": 1.0e4}}
     takes_teacher: ClassVar[bool] = True      # it trains with losses that read the teacher (reads_teacher)
     takes_maps: ClassVar[bool] = True         # ... and with losses that read the teacher's feature maps (reads_maps)
 

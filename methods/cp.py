@@ -122,6 +122,7 @@ class ClassParallel(Method):
     sends = "the scores of its own classes"
     options = {"groups": 2, "grouping": "contiguous", "arch": "wrn_10_1"}
     takes_maps = False  # its devices score their own classes: no map to compare with the teacher's
+    default_losses = {"kd": {"alpha": 0.9, "temperature": 4.0}}
 
     @classmethod
     def check_options(cls, opts: dict) -> None:

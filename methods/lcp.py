@@ -17,6 +17,7 @@ class LCP(NoNN):
     options = {"branches": 2, "width": 64}
     uses_partition = False
     takes_teacher = False  # LCP trains from labels alone
+    default_losses = {"ce": {}}
 
     @classmethod
     def check_options(cls, opts: dict) -> None:

@@ -88,6 +88,7 @@ class VariantParallel(Method):
     # scale: the variant's input side as a fraction of the dataset's (Fashion-MNIST: 1.0 -> 28 px, 0.72 -> 20 px)
     options = {"variants": [{"arch": "wrn_10_1", "scale": 1.0}, {"arch": "wrn_10_1", "scale": 0.72}], "top_k": 3}
     takes_maps = False  # its devices are whole classifiers: no map to compare with the teacher's
+    default_losses = {"kd": {"alpha": 0.9, "temperature": 4.0}}
 
     @classmethod
     def check_options(cls, opts: dict) -> None:

@@ -17,7 +17,7 @@ from distill.losses import build_losses
 from distill.modules import SCHEDULES
 from distill.tracking import WANDB_MODES
 from imagedata.datasets import DATASETS
-from methods import METHODS
+from methods import METHODS, Method
 from partitioning.activations import POOLINGS
 from partitioning.communities import PARTITION_MODES
 from partitioning.graph import EDGE_RULES
@@ -99,12 +99,8 @@ DEFAULTS: dict[str, Any] = {
         "nesterov": True,
         "schedule": "cosine",
         "milestones": [0.5, 0.75],
-        "losses": {                  # name -> options; see distill/losses.py for the registry
-            "kd": {"alpha": 0.9, "temperature": 4.0},
-            # NoNN's filter-level activation transfer, normalised per student (chosen by the validation
-            # sweep in benchmarks/README.md over the prototype's concatenated form and beta)
-            "filter_transfer_per_student": {"beta": 1.0e4},
-        },
+        "losses": None,              # name -> options (distill/losses.py); null: the method's own defaults
+                                     # (its ``default_losses``: NoNN's in methods/base.py)
         "student_dropout": 0.0,      # probability of dropping each student's vector in training
         "teacher_pool": {            # the teacher's outputs computed once for V stored views per training image
             "views": 0,              # V; 0 = off (the teacher runs on every step); see distill/pool.py
@@ -249,7 +245,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     config = copy.deepcopy(DEFAULTS)
     if path is not None:
         _merge_file(config, Path(path))
-    for dotted, value in parse_overrides(overrides or []):
+    pairs = parse_overrides(overrides or [])
+    if config["distill"]["losses"] is None:  # the method's own, before the overrides that may adjust them
+        method = next((value for key, value in reversed(pairs) if key == "method"), config["method"])
+        chosen = METHODS.get(method) if isinstance(method, str) else None
+        config["distill"]["losses"] = copy.deepcopy(chosen.default_losses if chosen else Method.default_losses)
+    for dotted, value in pairs:
         apply_override(config, dotted, value)
     validate(config)
     return config

@@ -75,9 +75,12 @@ class Device(Endpoint):
         self.publish(self.out_topic, out, vector.nbytes)
 
     def serve(self) -> None:
-        """Answer until SIGTERM/SIGINT (paho's network loop runs in this thread)."""
+        """Answer until SIGTERM/SIGINT; the network loop (and inference) runs in paho's thread, which
+        reconnects when the broker goes away."""
         self.handle_signals()
+        self.client.loop_start()
         self.announce()
-        while not self.stop.is_set():
-            self.client.loop(timeout=0.05)
+        while not self.stop.wait(0.1):
+            pass
         self.close()
+        self.client.loop_stop()

@@ -7,11 +7,13 @@ logits. With ``num_classes=0`` the network has no classifier head (a NoNN studen
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
 
 from students.layers import Normalize
+from students.registry import register_arch
 
 
 class FeatureClassifier(nn.Module):
@@ -94,6 +96,10 @@ def wide_resnet(depth: int, width: int, in_channels: int, num_classes: int,
     return FeatureClassifier(nn.Sequential(*layers), widths[3], num_classes, mean, std)
 
 
+for _d, _k in ((10, 1), (16, 1), (16, 2), (16, 4), (16, 8), (28, 4), (28, 10), (40, 2), (40, 4)):
+    register_arch(f"wrn_{_d}_{_k}", partial(wide_resnet, _d, _k))
+
+
 # --- CIFAR ResNet (He et al. 2016, option B shortcuts) -------------------------------------
 
 class _BasicBlock(nn.Module):
@@ -122,6 +128,10 @@ def cifar_resnet(depth: int, in_channels: int, num_classes: int,
             layers.append(_BasicBlock(cin, cout, stride if i == 0 else 1))
             cin = cout
     return FeatureClassifier(nn.Sequential(*layers), 64, num_classes, mean, std)
+
+
+register_arch("resnet20", partial(cifar_resnet, 20))
+register_arch("resnet56", partial(cifar_resnet, 56))
 
 
 # --- MobileNetV2, CIFAR variant (stride 1 stem, stride 1 in the second stage) ----------------
@@ -163,3 +173,8 @@ def mobilenet_v2(width_mult: float, in_channels: int, num_classes: int,
             cin = cout
     layers += [nn.Conv2d(cin, last, 1, bias=False), _bn_relu(last)]
     return FeatureClassifier(nn.Sequential(*layers), last, num_classes, mean, std)
+
+
+register_arch("mobilenetv2", partial(mobilenet_v2, 1.0))
+register_arch("mobilenetv2_x0.5", partial(mobilenet_v2, 0.5))
+register_arch("mobilenetv2_x0.25", partial(mobilenet_v2, 0.25))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from bundle.format import Bundle
+from distill.losses import LOSSES
 from distill.modules import DistillModule
 from methods import METHODS
 from methods.base import Method, register
@@ -21,21 +22,19 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from students.registry import build_model
 from students.split import Combiner, GatherModel, LogitDevice
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slow  # the whole pipeline or real processes: `pytest -m 'not slow'` skips it
 
 KD = "{kd: {alpha: 0.9, temperature: 4.0}}"
-RUNS = {  # method -> extra options for the tiny profile
-    "nonn": [],
-    "single": ["--distill.losses", KD],
-    "lcp": ["--distill.losses", "{ce: {}}", "--method_options.lcp", "{branches: 2, width: 8}"],
-    "vp": ["--distill.losses", KD, "--method_options.vp", "{variants: [{arch: wrn_10_1, scale: 1.0}, "
-           "{arch: wrn_10_1, scale: 0.75}], top_k: 2}"],
-    "cp": ["--distill.losses", KD, "--method_options.cp", "{groups: 2, grouping: confusion}"],
-    "mp": ["--method_options.mp", "{devices: 2}"],
-    "halp": ["--method_options.halp", "{devices: 2}"],
+# Every registered method runs on the tiny profile with its own defaults (its default losses included);
+# these extras only pin what the tests below assert on, or keep a run short.
+EXTRA = {
+    "lcp": ["--method_options.lcp", "{branches: 2, width: 8}"],
+    "vp": ["--method_options.vp", "{variants: [{arch: wrn_10_1, scale: 1.0}, {arch: wrn_10_1, scale: 0.75}], top_k: 2}"],
+    "cp": ["--method_options.cp", "{groups: 2, grouping: confusion}"],
 }
+RUNS = {name: EXTRA.get(name, []) for name in METHODS}
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +132,13 @@ def test_vp_and_cp_bundles_run_over_mqtt_like_in_process(runs, name, tmp_path):
     """The runtime knows no method: devices send what their graphs return, the aggregator's graph combines.
     The drill kills device 0: the answers while it is down equal the bundle's without it."""
     from pipeline.deploy import run_deploy
+    from pipeline.deploy_phases import DeployOptions
 
     bundle_dir = runs[name] / "export"
     pixels = (np.random.default_rng(1).random((60, 1, 16, 16)) * 255).round().astype(np.uint8)
     labels = np.zeros(len(pixels), dtype=np.int64)
-    report = run_deploy(bundle_dir, tmp_path, pixels, labels, drill_images=60, drill_device=0, deadline_ms=1000,
-                        progress=False)
+    report = run_deploy(bundle_dir, tmp_path, pixels, labels,
+                        DeployOptions(drill_images=60, drill_device=0, deadline_ms=1000, progress=False))
     assert report["method"] == name and report["lost"]["total"] == 0
     assert report["accuracy"]["predictions_equal_bundle"]
     assert report["drill"]["predictions_equal_bundle_missing_device"]
@@ -188,7 +188,9 @@ def test_confusion_grouping_keeps_confused_classes_together():
     (["--method", "vpp"], "method = 'vpp'; choose one of"),
     (["--method", "vp", "--distill.losses", KD, "--method_options.vp", "{topk: 3}"], "unknown option 'topk'"),
     (["--method", "vp", "--distill.losses", KD, "--export.transport", "int8"], "choose one of fp32, fp16"),
-    (["--method", "cp"], "trains with ce, kd only, not filter_transfer_per_student"),
+    (["--method", "cp", "--distill.losses", "{kd: {}, filter_transfer_per_student: {}}"],
+     "trains with ce, kd only, not filter_transfer_per_student"),
+    (["--method", "lcp", "--distill.losses", KD], "method lcp trains with ce only, not kd"),
     (["--method", "cp", "--distill.losses", KD, "--method_options.cp", "{grouping: random}"], "contiguous, confusion"),
     (["--method_options.mpp", "{devices: 2}"], "method_options.mpp: no such method"),
     (["--method", "mp", "--method_options.mp", "{devices: two}"], "expected int"),
@@ -196,6 +198,14 @@ def test_confusion_grouping_keeps_confused_classes_together():
 def test_bad_method_settings_are_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, overrides)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_any_method_runs_on_a_profile_that_names_no_losses(name):
+    """The standard profile names no losses: each method gets its own defaults, which it can train with."""
+    config = load_config(ROOT / "configs" / "fashion_mnist" / "standard.yaml", ["--method", name])
+    assert config["distill"]["losses"] == METHODS[name].default_losses
+    assert all(METHODS[name].takes(LOSSES[loss]) for loss in config["distill"]["losses"])
 
 
 def test_resolved_config_records_the_method_defaults(tmp_path):

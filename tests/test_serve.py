@@ -23,7 +23,9 @@ import yaml
 
 from bundle.export import export_bundle
 from bundle.format import Bundle, read_manifest
-from pipeline.deploy import Fleet, Source, run_deploy
+from pipeline.deploy import run_deploy
+from pipeline.deploy_phases import DeployOptions
+from pipeline.fleet import Fleet, Source
 from serve import wire
 from serve.broker import SOURCE, Users, free_port, start_broker, write_broker_files
 from serve.mqtt import Broker, Link, RuntimeSetupError, connect, read_credentials, topic
@@ -141,8 +143,8 @@ def test_link_emulation_scope_and_delay():
 def test_deploy_end_to_end_with_fault_drill(bundle: Path, test_images, tmp_path: Path):
     pixels, labels = test_images
     # a deadline long enough that a loaded CI machine answers every request with both devices in
-    report = run_deploy(bundle, tmp_path, pixels, labels, drill_images=150, drill_device=1, deadline_ms=1000,
-                        progress=False)
+    report = run_deploy(bundle, tmp_path, pixels, labels,
+                        DeployOptions(drill_images=150, drill_device=1, deadline_ms=1000, progress=False))
     expected = Bundle.load(bundle, threads=1).predict_batches(pixels).argmax(1)
     assert report["accuracy"]["predictions_equal_bundle"] and report["accuracy"]["pipelined_predictions_equal_bundle"]
     assert report["accuracy"]["over_the_wire"] == pytest.approx(float((expected == labels).mean()))
@@ -166,7 +168,7 @@ def test_deploy_end_to_end_with_fault_drill(bundle: Path, test_images, tmp_path:
 
 def test_int8_transport_over_the_wire_equals_the_bundle(bundles, test_images, tmp_path: Path):
     pixels, labels = test_images
-    report = run_deploy(bundles["int8"], tmp_path, pixels[:60], labels[:60], drill_images=0, progress=False)
+    report = run_deploy(bundles["int8"], tmp_path, pixels[:60], labels[:60], DeployOptions(drill_images=0, progress=False))
     assert report["accuracy"]["predictions_equal_bundle"] and report["lost"]["total"] == 0
     assert report["per_inference"]["device_1"]["payload_bytes"] == WIDTHS[1]  # one byte per number
 
@@ -385,8 +387,8 @@ def test_nonn_and_mp_side_by_side_through_one_broker_with_emulated_links(bundle:
     _, mp_path = chain_bundle
     pixels, labels = test_images
     link = Link(mbit_per_s=50.0, latency_ms=1.0)
-    report = run_deploy(bundle, tmp_path, pixels[:40], labels[:40], mp_bundle=mp_path, drill_images=0,
-                        deadline_ms=2000, link=link, progress=False)
+    report = run_deploy(bundle, tmp_path, pixels[:40], labels[:40],
+                        DeployOptions(drill_images=0, deadline_ms=2000, link=link, progress=False), mp_bundle=mp_path)
     mp = report["model_parallel"]
     assert report["accuracy"]["predictions_equal_bundle"] and mp["accuracy"]["predictions_equal_bundle"]
     assert report["lost"]["total"] == 0 and mp["lost"]["total"] == 0 and mp["topology"] == "chain"
@@ -404,8 +406,9 @@ def test_deploy_against_processes_started_elsewhere(bundle: Path, broker, fleet:
     for name in ("device_0", "device_1", "aggregator"):
         fleet.start(name)
     pixels, labels = test_images
-    report = run_deploy(bundle, tmp_path, pixels[:30], labels[:30], broker_url=server.url,
-                        credentials_dir=credentials[SOURCE].parent, external=True, drill_images=100, progress=False)
+    report = run_deploy(bundle, tmp_path, pixels[:30], labels[:30],
+                        DeployOptions(broker_url=server.url, credentials_dir=credentials[SOURCE].parent, external=True,
+                                      drill_images=100, progress=False))
     assert report["processes"] == "external" and report["drill"] is None and not report["broker_started_by_deploy"]
     assert report["accuracy"]["predictions_equal_bundle"] and report["lost"]["total"] == 0
 
@@ -485,3 +488,43 @@ def test_sigterm_stops_deploy_and_every_process_it_started(bundle: Path, tmp_pat
     while _processes_naming(run, proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _processes_naming(run, proc.pid) == []
+
+
+def test_a_broker_restart_is_survived_subscriptions_and_all(bundle: Path, tmp_path: Path):
+    """The broker goes away and comes back on the same port: every process reconnects by itself,
+    subscribes again and says ready again, and the next requests are answered by all devices."""
+    users = Users.of(read_manifest(bundle)[1])
+    port = free_port()
+    files = write_broker_files(tmp_path / "broker", [users], port)
+    credentials = {name: files[f"{users.bundle_id}/{name}"] for name in users.names()} | {SOURCE: files[SOURCE]}
+    server = Broker("127.0.0.1", port)
+    process = start_broker(tmp_path / "broker", port)
+    fleet = Fleet(bundle.resolve(), server, credentials, 1000.0, Link(), tmp_path)
+    try:
+        started = time.perf_counter()
+        for name in NAMES:
+            fleet.start(name)
+        source = Source(server, read_credentials(credentials[SOURCE]), users.bundle_id, len(CLASSES), Link())
+        source.wait_ready(NAMES, started)
+        source.close()
+        process.terminate()
+        process.wait(timeout=10)
+        time.sleep(1.0)  # every process has lost its connection
+        process = start_broker(tmp_path / "broker", port)
+        restarted = time.perf_counter()
+        source = Source(server, read_credentials(credentials[SOURCE]), users.bundle_id, len(CLASSES), Link())
+        source.wait_ready(NAMES, restarted, timeout_s=30.0)
+        pixels = (images(4, seed=7).numpy() * 255).astype(np.uint8)
+        answers = [source.wait(source.send(p[None]), 10.0) for p in pixels]
+        stats = source.collect_stats(NAMES)
+        source.close()
+        fleet.check_alive()
+    finally:
+        fleet.stop()
+        process.terminate()
+        process.wait(timeout=10)
+    assert all(a is not None and a.flags == 0 for a in answers), "answered, with every device's vector"
+    expected = Bundle.load(bundle, threads=1).predict(pixels)
+    np.testing.assert_allclose(np.concatenate([a.logits for a in answers]), expected, atol=1e-5)
+    assert all(stats[name]["reconnects"] >= 1 for name in NAMES)
+    assert "reconnected" in (tmp_path / "device_0.log").read_text()

@@ -1,0 +1,172 @@
+"""What ``nonn deploy`` runs and talks to: the runtime processes it starts (``Fleet``) and the source
+that publishes images and collects the aggregator's answers (``Source``)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serve.broker import SOURCE
+from serve.endpoint import STATS_REQUEST
+from serve.mqtt import Broker, Link, RuntimeSetupError, connect, topic
+from serve.wire import KIND_INPUT, KIND_OUTPUT, WireError, bundle_key, decode, encode
+
+GRACE_S = 2.0  # how long past the deadline an answer may take before its request counts as lost
+READY_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Answer:
+    received: float
+    logits: np.ndarray
+    flags: int
+
+
+class Source:
+    """Publishes images on ``input`` and collects the aggregator's answers (a camera and its consumer)."""
+
+    def __init__(self, broker: Broker, credentials: tuple[str, str], bundle_id: str, num_classes: int,
+                 link: Link) -> None:
+        self.bundle_id, self.key, self.num_classes, self.link = bundle_id, bundle_key(bundle_id), num_classes, link
+        self.answers: dict[int, Answer] = {}
+        self.sent_at: dict[int, float] = {}
+        self.status: list[tuple[float, str, bytes]] = []
+        self.stats: dict[str, dict] = {}
+        self.dropped = 0
+        self.sent_payload_bytes = 0
+        self.cond = threading.Condition()
+        self.client = connect(broker, credentials, f"nonn-{bundle_id}-{SOURCE}-{os.getpid()}")
+        self._on(topic(bundle_id, "out"), self._answer)
+        self._on(topic(bundle_id, "status", "+"), self._status)
+        self._on(topic(bundle_id, "stats", "+"), self._stats)
+        self.client.loop_start()
+        self.next_request = int(time.time() * 1000) << 16  # ids unique across runs on one broker
+
+    def _on(self, topic_filter: str, handler) -> None:
+        def callback(_c, _u, message) -> None:
+            with self.cond:
+                handler(message)
+                self.cond.notify_all()
+
+        self.client.message_callback_add(topic_filter, callback)
+        self.client.subscribe(topic_filter, qos=1)
+
+    def _answer(self, message) -> None:
+        try:
+            out = decode(message.payload, self.key, KIND_OUTPUT, (self.num_classes,), (np.dtype("float32"),))
+        except WireError:
+            self.dropped += 1
+            return
+        if out.request in self.sent_at and out.request not in self.answers:
+            self.answers[out.request] = Answer(time.perf_counter(), out.payload.copy(), out.flags)
+
+    def _status(self, message) -> None:
+        self.status.append((time.perf_counter(), message.topic.rsplit("/", 1)[1], message.payload))
+
+    def _stats(self, message) -> None:
+        try:
+            self.stats[message.topic.rsplit("/", 1)[1]] = json.loads(message.payload)
+        except ValueError:
+            self.dropped += 1
+
+    def send(self, images: np.ndarray) -> int:
+        request = self.next_request
+        self.next_request += 1
+        data = encode(KIND_INPUT, self.key, request, images)
+        with self.cond:
+            self.sent_at[request] = time.perf_counter()
+        self.link.send(self.client, topic(self.bundle_id, "input"), data)
+        self.sent_payload_bytes += images.nbytes
+        return request
+
+    def wait(self, request: int, timeout_s: float) -> Answer | None:
+        with self.cond:
+            self.cond.wait_for(lambda: request in self.answers, timeout=timeout_s)
+            return self.answers.get(request)
+
+    def wait_ready(self, names: list[str], since: float, timeout_s: float = READY_TIMEOUT_S) -> None:
+        def ready() -> bool:
+            latest = {}
+            for t, name, payload in self.status:
+                if t >= since:
+                    latest[name] = payload
+            return all(latest.get(n) == b"ready" for n in names)
+
+        with self.cond:
+            if not self.cond.wait_for(ready, timeout=timeout_s):
+                raise RuntimeSetupError(f"{', '.join(names)} did not report ready within {timeout_s:.0f} s")
+
+    def collect_stats(self, names: list[str], timeout_s: float = 60.0) -> dict[str, dict]:
+        with self.cond:
+            self.stats = {}
+        self.client.publish(topic(self.bundle_id, "control"), STATS_REQUEST, qos=1)
+        with self.cond:
+            if not self.cond.wait_for(lambda: all(n in self.stats for n in names), timeout=timeout_s):
+                missing = sorted(set(names) - set(self.stats))
+                raise RuntimeSetupError(f"no stats from {', '.join(missing)} within {timeout_s:.0f} s")
+            return dict(self.stats)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class Fleet:
+    """The runtime processes ``nonn deploy`` starts: optionally the broker, K devices, the aggregator."""
+
+    def __init__(self, bundle_dir: Path, broker: Broker, credentials: dict[str, Path], deadline_ms: float,
+                 link: Link, log_dir: Path) -> None:
+        self.bundle_dir, self.broker, self.credentials = bundle_dir, broker, credentials
+        self.deadline_ms, self.link, self.log_dir = deadline_ms, link, log_dir
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def _command(self, role: str, *extra: str) -> list[str]:
+        cmd = [sys.executable, "-m", "serve", "serve", role, "--bundle", str(self.bundle_dir),
+               "--broker", self.broker.url, *extra]
+        if self.broker.ca_file:
+            cmd += ["--ca-file", self.broker.ca_file]
+        link = self.link.for_role(role)
+        if link.mbit_per_s:
+            cmd += ["--link-mbit", str(link.mbit_per_s)]
+        if link.latency_ms:
+            cmd += ["--link-ms", str(link.latency_ms)]
+        return cmd
+
+    def start(self, name: str) -> None:
+        if name == "aggregator":
+            cmd = self._command("aggregator", "--credentials", str(self.credentials[name]),
+                                "--deadline-ms", str(self.deadline_ms))
+        else:
+            index = int(name.split("_")[1])
+            cmd = self._command("device", "--index", str(index), "--credentials", str(self.credentials[name]))
+        log = open(self.log_dir / f"{name}.log", "ab")
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.processes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def kill(self, name: str) -> None:
+        self.processes[name].kill()
+        self.processes[name].wait()
+
+    def check_alive(self) -> None:
+        for name, p in self.processes.items():
+            if p.poll() is not None:
+                log = (self.log_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()
+                raise RuntimeSetupError(f"{name} exited with code {p.returncode}: {log[-1] if log else ''} "
+                                        f"(log: {self.log_dir / f'{name}.log'})")
+
+    def stop(self) -> None:
+        for p in self.processes.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.processes.values():
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
