@@ -62,13 +62,10 @@ def stream_pipelined(source: Source, images: np.ndarray, window: int, timeout_s:
     start = time.perf_counter()
     with _progress(len(images), "pipelined", progress) as bar:
         for i in range(len(images)):
-            with source.cond:
-                source.cond.wait_for(lambda: sum(r not in source.answers for r in requests[-window:]) < window,
-                                     timeout=timeout_s)
+            source.wait_for(lambda: sum(r not in source.answers for r in requests[-window:]) < window, timeout_s)
             requests.append(source.send(images[i:i + 1]))
             bar.update(1)
-        with source.cond:
-            source.cond.wait_for(lambda: all(r in source.answers for r in requests), timeout=timeout_s)
+        source.wait_for(lambda: all(r in source.answers for r in requests), timeout_s)
     done = [source.answers[r].received for r in requests if r in source.answers]
     return requests, (max(done) - start) if done else float("nan")
 
@@ -103,6 +100,7 @@ def measure_bundle(bundle_dir: Path, manifest: dict, fleet: Fleet, source_creden
     try:
         source = Source(fleet.broker, read_credentials(source_credentials), manifest["manifest_sha256"][:12],
                         manifest["num_classes"], fleet.link.for_role("source"))
+        source.health = None if options.external else fleet.check_alive
         started = float("-inf") if options.external else time.perf_counter()
         for name in names if not options.external else []:
             fleet.start(name)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from serve.wire import KIND_INPUT, KIND_OUTPUT, WireError, bundle_key, decode, e
 
 GRACE_S = 2.0  # how long past the deadline an answer may take before its request counts as lost
 READY_TIMEOUT_S = 60.0
+HEALTH_CHECK_S = 0.5  # how often a wait checks that the broker and every process still run
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Source:
         self.status: list[tuple[float, str, bytes]] = []
         self.stats: dict[str, dict] = {}
         self.dropped = 0
+        self.health: Callable[[], None] | None = None  # raises when a process it depends on died
         self.sent_payload_bytes = 0
         self.cond = threading.Condition()
         self.client = connect(broker, credentials, f"nonn-{bundle_id}-{SOURCE}-{os.getpid()}")
@@ -86,9 +89,23 @@ class Source:
         self.sent_payload_bytes += images.nbytes
         return request
 
-    def wait(self, request: int, timeout_s: float) -> Answer | None:
+    def wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait until ``predicate`` holds (under the lock) or ``timeout_s`` passes, calling ``health`` every
+        ``HEALTH_CHECK_S``: a dead process raises at once instead of letting every request time out."""
+        deadline = time.monotonic() + timeout_s
         with self.cond:
-            self.cond.wait_for(lambda: request in self.answers, timeout=timeout_s)
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(min(left, HEALTH_CHECK_S))
+                if self.health is not None and not predicate():
+                    self.health()
+            return True
+
+    def wait(self, request: int, timeout_s: float) -> Answer | None:
+        self.wait_for(lambda: request in self.answers, timeout_s)
+        with self.cond:
             return self.answers.get(request)
 
     def wait_ready(self, names: list[str], since: float, timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -99,18 +116,17 @@ class Source:
                     latest[name] = payload
             return all(latest.get(n) == b"ready" for n in names)
 
-        with self.cond:
-            if not self.cond.wait_for(ready, timeout=timeout_s):
-                raise RuntimeSetupError(f"{', '.join(names)} did not report ready within {timeout_s:.0f} s")
+        if not self.wait_for(ready, timeout_s):
+            raise RuntimeSetupError(f"{', '.join(names)} did not report ready within {timeout_s:.0f} s")
 
     def collect_stats(self, names: list[str], timeout_s: float = 60.0) -> dict[str, dict]:
         with self.cond:
             self.stats = {}
         self.client.publish(topic(self.bundle_id, "control"), STATS_REQUEST, qos=1)
+        if not self.wait_for(lambda: all(n in self.stats for n in names), timeout_s):
+            missing = sorted(set(names) - set(self.stats))
+            raise RuntimeSetupError(f"no stats from {', '.join(missing)} within {timeout_s:.0f} s")
         with self.cond:
-            if not self.cond.wait_for(lambda: all(n in self.stats for n in names), timeout=timeout_s):
-                missing = sorted(set(names) - set(self.stats))
-                raise RuntimeSetupError(f"no stats from {', '.join(missing)} within {timeout_s:.0f} s")
             return dict(self.stats)
 
     def close(self) -> None:
@@ -122,10 +138,12 @@ class Fleet:
     """The runtime processes ``nonn deploy`` starts: optionally the broker, K devices, the aggregator."""
 
     def __init__(self, bundle_dir: Path, broker: Broker, credentials: dict[str, Path], deadline_ms: float,
-                 link: Link, log_dir: Path) -> None:
+                 link: Link, log_dir: Path, broker_process: subprocess.Popen | None = None) -> None:
         self.bundle_dir, self.broker, self.credentials = bundle_dir, broker, credentials
         self.deadline_ms, self.link, self.log_dir = deadline_ms, link, log_dir
         self.processes: dict[str, subprocess.Popen] = {}
+        self.killed: set[str] = set()  # stopped on purpose (the fault drill), not a death
+        self.broker_process = broker_process  # the broker deploy started, watched like the others
 
     def _command(self, role: str, *extra: str) -> list[str]:
         cmd = [sys.executable, "-m", "serve", "serve", role, "--bundle", str(self.bundle_dir),
@@ -149,14 +167,20 @@ class Fleet:
         log = open(self.log_dir / f"{name}.log", "ab")
         env = dict(os.environ, OMP_NUM_THREADS="1")
         self.processes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.killed.discard(name)
 
     def kill(self, name: str) -> None:
+        self.killed.add(name)
         self.processes[name].kill()
         self.processes[name].wait()
 
     def check_alive(self) -> None:
+        """Raise, naming it, if the broker or a process died (other than one the drill stopped)."""
+        if self.broker_process is not None and self.broker_process.poll() is not None:
+            raise RuntimeSetupError(f"the broker exited with code {self.broker_process.returncode} "
+                                    f"(log: {self.log_dir.parent.parent / 'broker' / 'mosquitto.log'})")
         for name, p in self.processes.items():
-            if p.poll() is not None:
+            if name not in self.killed and p.poll() is not None:
                 log = (self.log_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()
                 raise RuntimeSetupError(f"{name} exited with code {p.returncode}: {log[-1] if log else ''} "
                                         f"(log: {self.log_dir / f'{name}.log'})")

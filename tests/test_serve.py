@@ -24,7 +24,7 @@ import yaml
 from bundle.export import export_bundle
 from bundle.format import Bundle, read_manifest
 from pipeline.deploy import run_deploy
-from pipeline.deploy_phases import DeployOptions
+from pipeline.deploy_phases import DeployOptions, stream_sequential
 from pipeline.fleet import Fleet, Source
 from serve import wire
 from serve.broker import SOURCE, Users, free_port, start_broker, write_broker_files
@@ -528,3 +528,22 @@ def test_a_broker_restart_is_survived_subscriptions_and_all(bundle: Path, tmp_pa
     np.testing.assert_allclose(np.concatenate([a.logits for a in answers]), expected, atol=1e-5)
     assert all(stats[name]["reconnects"] >= 1 for name in NAMES)
     assert "reconnected" in (tmp_path / "device_0.log").read_text()
+
+
+def test_a_process_that_dies_mid_stream_is_named_at_once(bundle: Path, broker, fleet: Fleet):
+    """The aggregator SIGKILLed mid-stream: deploy's next wait raises naming it, instead of every request
+    waiting out its timeout and the stats wait blaming the wrong cause."""
+    source, rogue = _fleet_and_rogue(broker, fleet)
+    rogue.disconnect()
+    source.health = fleet.check_alive
+    pixels = (images(3, seed=8).numpy() * 255).astype(np.uint8)
+    try:
+        assert stream_sequential(source, pixels[:1], 5.0, "before", False)[0][1] is not None
+        fleet.processes["aggregator"].kill()  # a death, not the drill's kill
+        fleet.processes["aggregator"].wait()
+        with pytest.raises(RuntimeSetupError, match="aggregator exited with code -9"):
+            stream_sequential(source, pixels, 5.0, "after", False)
+        with pytest.raises(RuntimeSetupError, match="aggregator exited"):
+            source.collect_stats(NAMES, timeout_s=5.0)
+    finally:
+        source.close()
