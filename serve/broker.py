@@ -12,6 +12,7 @@ import base64
 import getpass
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -23,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundle.format import is_chain
+from serve import defaults
 from serve.mqtt import RuntimeSetupError, topic
+from serve.wire import HEADER
 
 PBKDF2_ITERATIONS = 101  # Mosquitto's own default for $7$ hashes
 SOURCE = "source"  # the client that publishes images and reads answers (``nonn deploy``, or yours)
@@ -46,10 +49,17 @@ class Users:
     bundle_id: str
     num_devices: int
     chain: bool = False  # device i > 0 reads dev/<i-1> instead of input
+    row_bytes: int = 0   # the largest row its messages carry (an image, a device's output, an answer) in float32
 
     @classmethod
     def of(cls, manifest: dict) -> Users:
-        return cls(manifest["manifest_sha256"][:12], len(manifest["devices"]), is_chain(manifest))
+        widths = [math.prod(manifest["input"]["shape"]), manifest["num_classes"],
+                  *(d["output_width"] for d in manifest["devices"])]
+        return cls(manifest["manifest_sha256"][:12], len(manifest["devices"]), is_chain(manifest), 4 * max(widths))
+
+    def message_bytes(self) -> int:
+        """The largest message the runtime sends for this bundle: header + MAX_ROWS of its largest row."""
+        return HEADER.size + defaults.MAX_ROWS * self.row_bytes
 
     def names(self) -> list[str]:
         return [device_name(i) for i in range(self.num_devices)] + ["aggregator"]
@@ -105,7 +115,9 @@ def write_broker_files(folder: str | Path, bundles: Sequence[Users], port: int, 
     conf = [f"# NoNN runtime broker for bundle(s) {ids}: anonymous access off, one user per process",
             f"user {getpass.getuser()}", "per_listener_settings false", "allow_anonymous false",
             f"password_file {folder / 'passwd'}", f"acl_file {folder / 'acl'}", "persistence false",
-            "max_queued_messages 100000", "set_tcp_nodelay true", "log_type error", "log_type warning",
+            "max_queued_messages 100000", "set_tcp_nodelay true",
+            # larger payloads are refused by the broker, never queued: the runtime sends nothing bigger
+            f"message_size_limit {max(u.message_bytes() for u in bundles)}", "log_type error", "log_type warning",
             f"listener {port} {bind}"]
     for key, value in (tls or {}).items():
         conf.append(f"{key} {Path(value).resolve()}")

@@ -6,3 +6,4 @@ DEADLINE_MS = 50.0   # the aggregator answers with the devices in by then
 WINDOW = 8           # requests in flight in deploy's throughput phase
 DRILL_IMAGES = 600   # images streamed in deploy's fault drill (0: no drill)
 DRILL_DEVICE = 0     # the device the drill kills
+MAX_ROWS = 256       # rows (images) one runtime message may carry; the broker's size cap follows from it

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serve import defaults
+
 MAGIC = b"NoNN"
 VERSION = 1
 HEADER = struct.Struct("<4sBBBxH6sQIfI")  # magic, version, kind, dtype, pad, device, bundle, request, rows, scale, flags
@@ -50,7 +52,7 @@ def encode(kind: int, bundle: bytes, request: int, payload: np.ndarray, *, devic
 
 
 def decode(data: bytes, bundle: bytes, kind: int, row_shape: tuple[int, ...], dtypes: tuple[np.dtype, ...],
-           max_rows: int = 4096) -> Message:
+           max_rows: int = defaults.MAX_ROWS) -> Message:
     """Parse ``data`` as a ``kind`` message of this bundle whose rows have ``row_shape`` and one of ``dtypes``."""
     if len(data) < HEADER.size:
         raise WireError("short")

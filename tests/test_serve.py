@@ -547,3 +547,24 @@ def test_a_process_that_dies_mid_stream_is_named_at_once(bundle: Path, broker, f
             source.collect_stats(NAMES, timeout_s=5.0)
     finally:
         source.close()
+
+
+def test_the_broker_refuses_payloads_larger_than_the_bundle_needs(bundle: Path, broker, fleet: Fleet):
+    """A 10 MB payload on a device's own topic never reaches the aggregator (the broker config caps
+    messages at MAX_ROWS of the bundle's largest row); the small message after it does."""
+    cap = Users.of(read_manifest(bundle)[1]).message_bytes()
+    broker_folder = broker[1]["aggregator"].parents[2]  # <folder>/credentials/<bundle id>/aggregator.json
+    assert f"message_size_limit {cap}" in (broker_folder / "mosquitto.conf").read_text()
+    source, rogue = _fleet_and_rogue(broker, fleet)
+    try:
+        before = source.collect_stats(NAMES)["aggregator"]["received"]
+        rogue.publish(topic(broker[2], "dev", 0), b"\0" * 10_000_000, qos=1)
+        rogue.publish(topic(broker[2], "dev", 0), b"x", qos=1)
+        for _ in range(20):
+            rogue.loop(timeout=0.1)
+        stats = _stats_once_aggregator_dropped(source, "short", 1)
+    finally:
+        source.close()
+        rogue.disconnect()
+    # the small message and the second stats request arrived; the 10 MB one did not
+    assert stats["aggregator"]["received"] - before == 2, stats["aggregator"]
