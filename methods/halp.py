@@ -111,6 +111,8 @@ class RowDevice(nn.Module):
         self.lo = max(0, (s * a - reach.up) // s * s)
         self.hi = min(height, -(-(s * (b - 1) + reach.down + 1) // s) * s)
         self.keep = (a - self.lo // s, b - self.lo // s)
+        self.span = (a, b)                               # its rows of the cut map
+        self.halo_rows = (self.hi - self.lo) - (b - a) * s  # image rows it computes beyond its share
         self.normalize = model.normalize
         self.layers = nn.Sequential(*list(model.body.children())[:cut])
         channels, _, columns = reach.out_shape
@@ -185,26 +187,20 @@ class Halp(Method):
         dtype), then the host's compute of the rest. Device i runs at ``device_gmacs`` x its capacity."""
         o, shape = self.opts, self.dm.image_shape
         bits = 16 if self.config["export"]["transport"] == "fp16" else 32
-        reach = layer_reach(self.teacher, cut, shape)
-        devices = self._devices(cut, share_rows(reach.out_shape[1], self.capacities()), reach)
-        host = RowStitcher(self.teacher, cut, [d.out_shape for d in devices])
+        _, devices, host = self._split(cut, None)
         slowest = max(count_macs(d, shape) / (o["device_gmacs"] * 1e9 * cap) + d.out_width * bits / (o["link_mbps"] * 1e6)
                       for d, cap in zip(devices, self.capacities()))
         return slowest + count_macs(CombineRule(host), (sum(host.widths),)) / (o["host_gmacs"] * 1e9)
 
-    def _devices(self, cut: int, rows: Sequence[Sequence[int]], reach: Reach) -> list[RowDevice]:
-        return [RowDevice(self.teacher, cut, reach, (a, b), self.dm.image_shape[1]) for a, b in rows]
-
-    def check_plan(self, plan: dict) -> None:
-        layers = len(list(self.teacher.body.children()))
-        if not 1 <= plan["cut"] <= layers:
-            raise RuntimeError(f"halp plan cuts after layer {plan['cut']}, the teacher has {layers}; re-export")
+    def _split(self, cut: int, rows: Sequence[Sequence[int]] | None) -> tuple[Reach, list[RowDevice], RowStitcher]:
+        """The reach of the first ``cut`` layers, the devices for ``rows`` (None: shared by capacity) and the host."""
+        reach = layer_reach(self.teacher, cut, self.dm.image_shape)
+        rows = share_rows(reach.out_shape[1], self.capacities()) if rows is None else rows
+        devices = [RowDevice(self.teacher, cut, reach, (a, b), self.dm.image_shape[1]) for a, b in rows]
+        return reach, devices, RowStitcher(self.teacher, cut, [d.out_shape for d in devices])
 
     def build(self, plan: dict) -> GatherModel:
-        cut = plan["cut"]
-        reach = layer_reach(self.teacher, cut, self.dm.image_shape)
-        devices = self._devices(cut, plan["rows"], reach)
-        host = RowStitcher(self.teacher, cut, [d.out_shape for d in devices])
+        _, devices, host = self._split(plan["cut"], plan["rows"])
         model = GatherModel(devices, host, self.dm.num_classes).eval()
         with torch.no_grad():
             images = self.dm.train[0][:FILL_IMAGES].float().div(255.0)
@@ -212,24 +208,19 @@ class Halp(Method):
         return model
 
     def device_entries(self, plan: dict) -> list[dict]:
-        reach = layer_reach(self.teacher, plan["cut"], self.dm.image_shape)
         arch = self.config["teacher"]["arch"]
-        entries = []
-        for d in self._devices(plan["cut"], plan["rows"], reach):
-            a, b = d.keep[0] + d.lo // reach.stride, d.keep[1] + d.lo // reach.stride
-            entries.append({"arch": f"{arch} layers 0-{plan['cut'] - 1}, map rows {a}-{b - 1}",
-                            "image_rows": [d.lo, d.hi], "halo_rows": (d.hi - d.lo) - (b - a) * reach.stride})
-        return entries
+        return [{"arch": f"{arch} layers 0-{plan['cut'] - 1}, map rows {d.span[0]}-{d.span[1] - 1}",
+                 "image_rows": [d.lo, d.hi], "halo_rows": d.halo_rows}
+                for d in self._split(plan["cut"], plan["rows"])[1]]
 
     def describe(self, plan: dict) -> dict:
-        reach = layer_reach(self.teacher, plan["cut"], self.dm.image_shape)
-        devices = self._devices(plan["cut"], plan["rows"], reach)
+        reach, devices, _ = self._split(plan["cut"], plan["rows"])
         height = self.dm.image_shape[1]
         return {"cut_after_layer": plan["cut"] - 1, "map_rows": plan["rows"], "cut_map_shape": list(reach.out_shape),
                 "image_rows": [[d.lo, d.hi] for d in devices],
                 # rows each device computes beyond its share of the image, over the image's height
-                "halo_overhead": [round((d.hi - d.lo) / ((b - a) * reach.stride) - 1, 4)
-                                  for d, (a, b) in zip(devices, plan["rows"])],
+                "halo_overhead": [round((d.hi - d.lo) / ((d.span[1] - d.span[0]) * reach.stride) - 1, 4)
+                                  for d in devices],
                 "redundant_image_rows": sum(d.hi - d.lo for d in devices) - height,
                 "modelled_latency_ms": round(1000 * self.latency_seconds(plan["cut"]), 3),
                 "latency_model": {k: self.opts[k] for k in ("device_gmacs", "host_gmacs", "link_mbps")}}
