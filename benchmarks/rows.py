@@ -38,6 +38,9 @@ README = ROOT / "benchmarks" / "README.md"
 sys.path.insert(0, str(ROOT))
 
 from core.io import read_json, write_json_atomic, write_text_atomic  # noqa: E402
+from pipeline.compare import failure_mean, per_host_mean, summarize, table_lines, write_plots  # noqa: E402
+
+PLOTS = RESULTS / "plots"
 
 
 def load_spec() -> dict:
@@ -108,6 +111,7 @@ def make_record(spec: dict, table: str, row: str, seed: int, run_dir: Path, seco
         record["devices"] = [{k: d[k] for k in ("arch", "output_width", "params", "macs", "bytes_sent_per_inference",
                                                  "onnx_latency_ms")} for d in n["devices"]]
         record["failures"] = report["failures"]
+        record["summary"] = summarize(report)  # the comparison row (nonn compare's), peak memory and energy included
     else:
         record["distill"].pop("test_acc", None)  # a sweep chooses by validation; the test set stays unseen
     return record
@@ -205,18 +209,11 @@ def pct(values: list[float]) -> str:
     return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
-def failure_mean(record: dict, count: int) -> float | None:
-    """Mean accuracy over the subsets of ``count`` failed devices; None when there are none, or when the
-    method gives no answer then (a broken chain)."""
-    accs = [f["accuracy"] for f in record["failures"] if len(f["missing"]) == count]
-    return statistics.mean(accs) if accs and None not in accs else None
-
-
 def down_cell(rs: list[dict], count: int) -> str:
     """The 'devices down' cell: accuracy over seeds, or why there is none."""
     if count >= len(rs[0]["devices"]):
         return "no device left"
-    values = [failure_mean(r, count) for r in rs]
+    values = [failure_mean(r["failures"], count) for r in rs]
     return "no answer" if None in values else pct(values)
 
 
@@ -233,14 +230,8 @@ def host(record: dict) -> str:
 
 
 def per_host(rs: list[dict], value, fmt: str, unit: str = "") -> str:
-    """Mean of ``value(record)`` per machine, so that only like is averaged with like (records without
-    the value, older ones, are left out); the machine is named unless every record ran on the CPU."""
-    by_host: dict[str, list[float]] = {}
-    for r in rs:
-        if (v := value(r)) is not None:
-            by_host.setdefault(host(r), []).append(v)
-    return ", ".join(format(statistics.mean(v), fmt) + unit + ("" if list(by_host) == ["CPU"] else f" ({h})")
-                     for h, v in by_host.items()) or "-"
+    """Mean of ``value(record)`` per machine (``pipeline.compare.per_host_mean``)."""
+    return per_host_mean([(host(r), value(r)) for r in rs], fmt, unit)
 
 
 def epoch_seconds(rs: list[dict]) -> str:
@@ -300,25 +291,28 @@ def bytes_sent(record: dict) -> int:
     return record.get("bytes_sent", sum(d["bytes_sent_per_inference"] for d in record["devices"]))
 
 
-def largest_device_latency(record: dict) -> float | None:
-    """The largest device's ONNX Runtime time; None in records older than that measurement."""
-    values = [d.get("onnx_latency_ms") for d in record["devices"]]
-    return None if None in values else max(values)
+def record_summary(record: dict) -> dict:
+    """A record as ``nonn compare``'s row. Records older than the ``summary`` field are read through the
+    same function from the fields they kept; they have no peak memory or energy."""
+    if "summary" in record:
+        return record["summary"] | {"label": record["label"], "host": host(record)}
+    chain = record.get("method") == "mp"
+    report = {"run": record["config"]["name"], "dataset": record["config"]["data"]["dataset"],
+              "failures": record["failures"],
+              "method": {"name": record.get("method", record["row"]), "label": record["label"],
+                         "devices": record["devices"], "test_acc_bundle": record["test_acc"],
+                         "total_bytes_sent": bytes_sent(record), "topology": "chain" if chain else "gather"}}
+    return summarize(report) | {"host": host(record)}
+
+
+def comparison_groups(table: str) -> list[list[dict]]:
+    return [[record_summary(r) for r in rs] for rs in records(table).values()]
 
 
 def comparison_table(spec: dict, table: str) -> list[str]:
-    """Every way to split the model, side by side: accuracy, the largest device's size, compute and ONNX
-    Runtime time, what crosses the network, and what failures cost."""
-    lines = ["| method | devices | test accuracy (%) | seeds | params per device | MACs per device | "
-             "ONNX ms per device (batch 1, 1 thread) | bytes sent per inference | 1 device down (%) | "
-             "2 devices down (%) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for _row, rs in records(table).items():
-        devices = rs[0]["devices"]
-        latency = per_host(rs, largest_device_latency, ".3f")
-        lines.append(f"| {rs[0]['label']} | {len(devices)} | {pct([r['test_acc'] for r in rs])} | {len(rs)} | "
-                     f"{max(d['params'] for d in devices):,} | {max(d['macs'] for d in devices) / 1e6:.2f} M | "
-                     f"{latency} | {bytes_sent(rs[0]):,} B | {down_cell(rs, 1)} | {down_cell(rs, 2)} |")
-    return lines
+    """Every way to split the model, side by side (``nonn compare``'s table): accuracy, the largest device's
+    size, compute, memory and ONNX Runtime time, energy, what crosses the network, and what failures cost."""
+    return table_lines(comparison_groups(table))
 
 
 def hardware_line(table: str) -> str:
@@ -338,6 +332,9 @@ def render_tables() -> None:
     for table, t in spec["tables"].items():
         body = RENDERERS[t["kind"]](spec, table)
         blocks[table] = [*body, "", hardware_line(table)] if len(body) > 2 else ["(no records yet)"]
+    for table, t in spec["tables"].items():
+        if t["kind"] == "comparison" and records(table):
+            write_plots(comparison_groups(table), PLOTS / table, f"{table} (benchmarks/results/{table})")
     for name, body in blocks.items():
         begin, end = f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
         if begin not in text or end not in text:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from bundle.format import FORMAT, SCHEMA_VERSION, TRANSPORTS, manifest_digest
+from bundle.memory import peak_memory
 from core.io import restore_interrupted_swap, sha256_file, swap_in, write_json_atomic
 from students.complexity import count_macs, count_params, weight_bytes
 from students.split import Combiner, CombineRule, GatherModel
@@ -239,7 +240,7 @@ def _export_aggregator(aggregator: Combiner, root: Path, dtype: str, scales: lis
 def _export_part(wrapper: nn.Module, root: Path, name: str, example: torch.Tensor, io_names: tuple[str, str],
                  opset: int, int8_weights: bool) -> dict:
     """Write ``name/model.onnx`` (checked against PyTorch on all of ``example``), ``model.ts`` and optionally
-    ``model.int8.onnx``. Tracing needs only two rows (the batch axis stays dynamic), which keeps export fast.
+    ``model.int8.onnx``, with each ONNX model's peak inference memory (``bundle.memory``). Tracing needs only two rows (the batch axis stays dynamic), which keeps export fast.
     """
     (root / name).mkdir()
     files = {"onnx": f"{name}/model.onnx", "torchscript": f"{name}/model.ts"}
@@ -248,11 +249,12 @@ def _export_part(wrapper: nn.Module, root: Path, name: str, example: torch.Tenso
     export_onnx(wrapper, example[:2], root / files["onnx"], io_names, opset)
     _verify_onnx(root / files["onnx"], example.numpy(), expected, io_names[0])
     _export_torchscript(wrapper, example[:2], root / files["torchscript"])
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"peak_memory": peak_memory(root / files["onnx"])}
     if int8_weights:
         error = _quantize_weights(root / files["onnx"], root / f"{name}/model.int8.onnx", example.numpy(), io_names[0])
         if error is None:
             files["onnx_int8"] = f"{name}/model.int8.onnx"
+            extra["peak_memory_int8"] = peak_memory(root / files["onnx_int8"])
         else:
             extra["onnx_int8_error"] = error
     return {"files": files, "sha256": {rel: sha256_file(root / rel) for rel in files.values()}, **extra}

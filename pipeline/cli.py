@@ -24,6 +24,7 @@ COMMANDS = {"run": "all stages in order, then print report.md",
             "export": "write the per-device bundle",
             "evaluate": "report.json / report.md from the exported bundle"}
 DEPLOY_HELP = "broker + K device processes + aggregator; stream the test split, fault drill, deploy_report"
+COMPARE_HELP = "finished runs side by side: comparison.md/.json and three plots"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="redo the stage(s) even if up to date")
     add_runtime_commands(sub)
     add_deploy_command(sub)
+    compare = sub.add_parser("compare", help=COMPARE_HELP, description=COMPARE_HELP)
+    compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="finished run folders")
+    compare.add_argument("--out", type=Path, default=Path("comparison"), help="where the table and plots go "
+                         "(default: ./comparison)")
+    compare.add_argument("--link-mbit", type=float, default=1.0, help="link rate (Mbit/s) for the modelled latency "
+                         "of runs that were not deployed (default 1)")
     return parser
 
 
@@ -86,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in COMMANDS:
         if overrides:
             parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+        if args.command == "compare":
+            return guarded(run_compare, args)
         return guarded(run_deploy, args) if args.command == "deploy" else run_runtime(args)
     return run_pipeline(args, overrides)
 
@@ -98,6 +107,16 @@ def run_deploy(args: argparse.Namespace) -> int:
     except Terminated:
         print("nonn: stopped by SIGTERM; the broker, devices and aggregator it started are stopped", file=sys.stderr)
         return 143
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from pipeline.compare import compare
+
+    if args.link_mbit <= 0:
+        raise ValueError(f"--link-mbit {args.link_mbit:g}: must be above 0")
+    print(compare(args.run_dirs, args.out, args.link_mbit))
+    print(f"nonn: table and plots written to {args.out}")
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from bundle.format import TRANSPORTS
+from core.energy import EnergyModel
 from distill.losses import build_losses
 from distill.modules import SCHEDULES
 from distill.tracking import WANDB_MODES
@@ -114,6 +115,12 @@ DEFAULTS: dict[str, Any] = {
     },
     "evaluate": {
         "max_failure_subsets": 32,   # beyond K <= 4, this many random subsets per failure count
+        "energy": {                  # the energy estimate's model (core/energy.py; README "Energy")
+            "compute": "cpu_core",   # cpu_core | fp32_arith | int8_arith: the devices' pJ per MAC
+            "link": "wifi",          # wifi | bluetooth: nJ per bit sent or received
+            "pj_per_mac": None,      # a number replaces the compute class's own
+            "nj_per_bit": None,      # a number replaces the link class's own
+        },
     },
     "deploy": {                      # nonn deploy (its options override these)
         "deadline_ms": defaults.DEADLINE_MS,    # the aggregator answers with the devices in by then
@@ -321,6 +328,7 @@ def _check_components(config: dict) -> None:
                 raise ConfigError(f"{dotted}: unknown architecture {name!r}; choose from {', '.join(ARCHITECTURES)}")
     try:
         build_losses(config["distill"]["losses"] or {})
+        EnergyModel.from_config(config["evaluate"]["energy"])
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
     _check_method(config)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import itertools
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bundle.export import export_onnx
 from bundle.format import Bundle
+from bundle.memory import peak_memory
+from core.energy import EnergyModel
 from core.io import atomic_path, read_json, write_json_atomic, write_text_atomic
 from distill.tracking import Tracker
 from pipeline.context import Context
@@ -48,6 +52,27 @@ def model_parallel_report(bundle_dir: Path, images: torch.Tensor, labels: torch.
             "bytes_sent_between_devices": sum(d["bytes_sent"] for d in devices[:-1])}
 
 
+def teacher_peak_memory(teacher: torch.nn.Module, image_shape: tuple[int, int, int], opset: int) -> dict:
+    """The teacher's peak inference memory, as a device's is measured: from its ONNX graph."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "teacher.onnx"
+        export_onnx(teacher.cpu().eval(), torch.zeros(2, *image_shape), path, ("images", "logits"), opset)
+        return peak_memory(path)
+
+
+def part_costs(entry: dict, root: Path, int8_weights: bool, energy: EnergyModel, received: int, sent: int) -> dict:
+    """A bundle part's peak memory (of the model file it runs: int8 weights when used) and estimated
+    energy per inference for its MACs and the bytes it receives and sends."""
+    key = "peak_memory_int8" if int8_weights and "onnx_int8" in entry["files"] else "peak_memory"
+    memory = entry.get(key) or peak_memory(root / entry["files"]["onnx_int8" if key.endswith("int8") else "onnx"])
+    return {"peak_memory": memory, "energy_uj": round(energy.joules(entry["macs"], received + sent) * 1e6, 3)}
+
+
+def input_bytes(entry: dict) -> int:
+    """Bytes a part receives per inference: its input tensor, in its dtype."""
+    return int(np.prod(entry["input"]["shape"])) * np.dtype(entry["input"]["dtype"]).itemsize
+
+
 def evaluate_run(ctx: Context, tracker: Tracker) -> dict:
 
     dm = ctx.datamodule()
@@ -81,12 +106,16 @@ def evaluate_run(ctx: Context, tracker: Tracker) -> dict:
         failures.append({"missing": list(missing), "accuracy": accuracy})
 
     shape = dm.image_shape
+    energy = EnergyModel.from_config(ctx.config["evaluate"]["energy"])
     teacher_info = {"arch": ctx.config["teacher"]["arch"], "params": count_params(teacher),
                     "weight_bytes": weight_bytes(teacher), "macs": count_macs(teacher, shape),
-                    "feature_map_bytes": teacher.feature_channels * int(np.prod(teacher.map_size(shape))) * 4}
+                    "feature_map_bytes": teacher.feature_channels * int(np.prod(teacher.map_size(shape))) * 4,
+                    "peak_memory": teacher_peak_memory(teacher, shape, ctx.config["export"]["opset"])}
+    teacher_info["energy_uj"] = round(energy.joules(teacher_info["macs"], 0) * 1e6, 3)
     devices = [{k: d[k] for k in ("name", "arch", "output_width", "params", "weight_bytes", "macs",
                                   "bytes_sent_per_inference")}
                | {"model_file": f, "model_file_bytes": (export_dir / f).stat().st_size}
+               | part_costs(d, export_dir, int8_weights, energy, input_bytes(d), d["bytes_sent_per_inference"])
                for d, f in zip(manifest["devices"], bundle.model_files)]
     # batch-1 time of each device's model, one thread: what a small device's single core would see (this CPU)
     latency = Bundle.load(export_dir, threads=1, use_int8=int8_weights).device_latency_ms(images[0].numpy())
@@ -95,6 +124,9 @@ def evaluate_run(ctx: Context, tracker: Tracker) -> dict:
     sent = [d["bytes_sent_per_inference"] for d in devices]
     aggregator = {k: manifest["aggregator"][k] for k in ("kind", "params", "weight_bytes", "macs")
                   if k in manifest["aggregator"]}
+    if not bundle.chain:  # the host receives every device's vector
+        aggregator |= part_costs(manifest["aggregator"], export_dir, int8_weights, energy, sum(sent), 0)
+    parts_uj = [d["energy_uj"] for d in devices] + [aggregator.get("energy_uj", 0.0)]
     report = {
         "run": ctx.config["name"], "dataset": ctx.config["data"]["dataset"], "test_images": len(labels),
         "teacher": teacher_info | {"test_acc": _acc(teacher_pred, labels)},
@@ -108,6 +140,9 @@ def evaluate_run(ctx: Context, tracker: Tracker) -> dict:
             "devices": devices, "aggregator": aggregator,
             "max_device_params": max(d["params"] for d in devices),
             "max_device_macs": max(d["macs"] for d in devices),
+            "max_device_peak_memory": max(d["peak_memory"]["total"] for d in devices),
+            "energy": energy.describe() | {"per_inference_uj": round(sum(parts_uj), 3),
+                                           "max_device_uj": max(d["energy_uj"] for d in devices)},
             # a chain's last device returns the answer: only what crosses between devices counts
             "total_bytes_sent": sum(sent[:-1]) if bundle.chain else sum(sent),
             "summary": method.summary(plan), **method.describe(plan),

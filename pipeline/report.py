@@ -10,39 +10,54 @@ def _m(n: float) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
 
 
+def _memory(m: dict) -> str:
+    return f"{_kb(m['total'])} ({_kb(m['weights'])} + {_kb(m['activations'])} + {_kb(m['runtime'])})"
+
+
 def render_markdown(r: dict) -> str:
     t, n = r["teacher"], r["method"]
+    e = n["energy"]
     details = n["summary"]
     lines = [
         f"# {n['label']} report: {r['run']} ({r['dataset']}, {r['test_images']} test images)",
         "",
-        "| model | test accuracy | params (largest device) | MACs/image (largest device) | bytes sent/inference |",
-        "|---|---|---|---|---|",
-        f"| teacher {t['arch']} | {t['test_acc']:.4f} | {t['params']:,} | {_m(t['macs'])} | - |",
+        "| model | test accuracy | params (largest device) | MACs/image (largest device) | peak memory (largest "
+        "device) | bytes sent/inference | energy/inference (estimate) |",
+        "|---|---|---|---|---|---|---|",
+        f"| teacher {t['arch']} | {t['test_acc']:.4f} | {t['params']:,} | {_m(t['macs'])} | "
+        f"{_kb(t['peak_memory']['total'])} | - | {t['energy_uj']:,.1f} µJ |",
         f"| {n['label']}, {n['num_devices']} device(s) ({details + ', ' if details else ''}{n['weights']} weights, "
         f"{n['transport']} transport, ONNX Runtime) | "
         f"{n['test_acc_bundle']:.4f} | {n['max_device_params']:,} | {_m(n['max_device_macs'])} | "
-        f"{n['total_bytes_sent']:,} B total |",
+        f"{_kb(n['max_device_peak_memory'])} | {n['total_bytes_sent']:,} B total | "
+        f"{n['energy']['per_inference_uj']:,.1f} µJ in all |",
         "",
         f"Each device sends {n['sends']}. Largest device is **{n['compression_vs_teacher']:.1f}x** smaller than "
         f"the teacher and needs **{n['macs_reduction_vs_teacher']:.1f}x** fewer MACs. Bundle vs PyTorch: "
         f"{n['bundle_agreement']:.2%} prediction agreement, max logit difference {n['bundle_max_logit_diff']:.2e} "
         f"(PyTorch accuracy {n['test_acc_pytorch']:.4f}).",
         "",
+        f"Peak memory is weights + the largest set of live activations + ONNX Runtime's own structures, read "
+        f"from each ONNX graph at batch 1 (`bundle/memory.py`). Energy is an **estimate**, not a measurement: "
+        f"MACs x {e['pj_per_mac']:g} pJ ({e['compute']}) + bits received and sent x {e['nj_per_bit']:g} nJ "
+        f"({e['link']}), README \"Energy\".",
+        "",
         "## Devices",
         "",
-        "| device | model | output width | params | weights (fp32) | model file | MACs/image | ONNX ms/image "
-        "(batch 1, 1 thread) | bytes sent/inference |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| device | model | output width | params | weights (fp32) | model file | MACs/image | peak memory "
+        "(weights + activations + runtime) | ONNX ms/image (batch 1, 1 thread) | bytes sent/inference | "
+        "energy/inference (estimate) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in n["devices"]:
         lines.append(f"| {d['name']} | {d['arch']} | {d['output_width']} | {d['params']:,} | "
                      f"{_kb(d['weight_bytes'])} | {d['model_file']} ({_kb(d['model_file_bytes'])}) | {_m(d['macs'])} | "
-                     f"{d['onnx_latency_ms']:.3f} | {d['bytes_sent_per_inference']:,} B |")
+                     f"{_memory(d['peak_memory'])} | {d['onnx_latency_ms']:.3f} | {d['bytes_sent_per_inference']:,} B | "
+                     f"{d['energy_uj']:,.1f} µJ |")
     a = n["aggregator"]
     if n["topology"] == "gather":
         lines.append(f"| aggregator | {a['kind']} | - | {a['params']:,} | {_kb(a['weight_bytes'])} | - | "
-                     f"{_m(a['macs'])} | - | - |")
+                     f"{_m(a['macs'])} | {_memory(a['peak_memory'])} | - | - | {a['energy_uj']:,.1f} µJ |")
     mp = r.get("model_parallel")
     if mp:
         lines += ["", f"## Baseline: model parallelism (teacher split layer-wise across {n['num_devices']} devices, "

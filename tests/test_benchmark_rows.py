@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import rows
 from pipeline.cli import build_parser
+from pipeline.compare import PLOTS
 from pipeline.config import load_config
 
 SPEC = rows.load_spec()
@@ -33,6 +34,7 @@ def test_row_commands_resolve_to_valid_configs(table, row, tmp_path):
 
 def test_tables_render_from_records(tmp_path, monkeypatch):
     monkeypatch.setattr(rows, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(rows, "PLOTS", tmp_path / "plots")
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- table:methods -->\nold\n<!-- /table:methods -->\nend\n")
     monkeypatch.setattr(rows, "README", readme)
@@ -61,8 +63,11 @@ def test_tables_render_from_records(tmp_path, monkeypatch):
 
 
 def test_comparison_table_renders_every_column_from_records(tmp_path, monkeypatch):
-    """A chain (MP) has no answer with a device down; with 2 devices, 2 down leaves none."""
+    """A chain (MP) has no answer with a device down; with 2 devices, 2 down leaves none. Latency is modelled
+    at 1 Mbit/s from the records: the slowest device's time and message (a chain: their sum). A record
+    with a ``summary`` (nonn compare's row) also shows peak memory and energy, and the plots are drawn."""
     monkeypatch.setattr(rows, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(rows, "PLOTS", tmp_path / "plots")
     readme = tmp_path / "README.md"
     readme.write_text("<!-- table:comparison -->\n<!-- /table:comparison -->\n")
     monkeypatch.setattr(rows, "README", readme)
@@ -70,6 +75,7 @@ def test_comparison_table_renders_every_column_from_records(tmp_path, monkeypatc
     for row, failures, latency in (("vp", [{"missing": [0], "accuracy": 0.8}, {"missing": [1], "accuracy": 0.9}], 0.5),
                                    ("mp", [{"missing": [0], "accuracy": None}, {"missing": [1], "accuracy": None}], 2.0)):
         record = {"row": row, "label": row.upper(), "seed": 0, "hardware": hardware, "test_acc": 0.9,
+                  "config": {"name": row, "data": {"dataset": "fashion_mnist"}}, "method": row,
                   "bytes_sent": 48 if row == "vp" else 50_176, "distill": {"precision": "32-true"},
                   "devices": [{"params": 1000, "macs": 2_000_000, "bytes_sent_per_inference": 24,
                                "onnx_latency_ms": latency}] * 2,
@@ -77,10 +83,22 @@ def test_comparison_table_renders_every_column_from_records(tmp_path, monkeypatc
         path = rows.record_path("comparison", row, 0)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
+    summary = rows.record_summary(json.loads(rows.record_path("comparison", "vp", 0).read_text()))
+    summary.update(label="NoNN", peak_memory=900 * 1024, energy_uj=1234.4, latency_ms=7.5,
+                   latency_source="deployed p50")
+    path = rows.record_path("comparison", "nonn", 0)
+    path.write_text(json.dumps({"row": "nonn", "label": "NoNN", "seed": 0, "hardware": hardware,
+                                "distill": {"precision": "32-true"}, "summary": summary}))
     rows.render_tables()
     lines = readme.read_text().splitlines()
-    assert "| VP | 2 | 90.00 | 1 | 1,000 | 2.00 M | 0.500 | 48 B | 85.00 | no device left |" in lines
-    assert "| MP | 2 | 90.00 | 1 | 1,000 | 2.00 M | 2.000 | 50,176 B | no answer | no device left |" in lines
+    # 24 B at 1 Mbit/s is 0.192 ms: VP max(0.5 + 0.192) = 0.69; MP (a chain) 2 x (2.0 + 0.192) = 4.38
+    assert ("| VP | 2 | 90.00 | 1 | 1,000 | 2.00 M | - | - | 0.500 | 48 B | 0.69 (modelled at 1 Mbit/s) | 85.00 | "
+            "no device left |") in lines
+    assert ("| MP | 2 | 90.00 | 1 | 1,000 | 2.00 M | - | - | 2.000 | 50,176 B | 4.38 (modelled at 1 Mbit/s) | "
+            "no answer | no device left |") in lines
+    assert ("| NoNN | 2 | 90.00 | 1 | 1,000 | 2.00 M | 900 KiB | 1,234 µJ | 0.500 | 48 B | 7.50 (deployed p50) | "
+            "85.00 | no device left |") in lines
+    assert sorted(p.name for p in (tmp_path / "plots" / "comparison").iterdir()) == sorted(PLOTS)
 
 
 def test_same_as_row_shows_the_other_tables_records_and_is_never_run(tmp_path, monkeypatch, capsys):
