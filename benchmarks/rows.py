@@ -3,6 +3,7 @@
     python benchmarks/rows.py run TABLE [--rows A,B] [--seeds 0,1,2] [--work DIR] [--force]
                                         [--parallel N] [--set KEY=VALUE ...]
     python benchmarks/rows.py tables                      # rewrite the tables in benchmarks/README.md
+    python benchmarks/rows.py refresh-costs TABLE [--work DIR]   # peak memory and energy for older records
 
 Rows and tables are declared in ``benchmarks/rows.yaml``. A row is ``nonn`` on one config with its
 overrides and a seed, in ``WORK/TABLE/ROW-seedS`` (a row that was interrupted resumes there from
@@ -168,6 +169,36 @@ def run_rows(table: str, rows: list[str] | None, seeds: list[int] | None, work: 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         results = list(pool.map(lambda rs: run_one(spec, table, *rs, work, extra or {}), pending))
     return all(results)
+
+
+def refresh_costs(table: str, work: Path) -> int:
+    """Add the comparison row (``summary``: peak memory and energy included) to the records written before
+    it existed: each record's run folder under ``work`` is evaluated again with this code (``nonn evaluate
+    --force``; nothing is trained) and the record gains ``summary`` and ``summary_commit``. A record
+    whose run folder is gone, or whose accuracy would change, is left as it was. Returns how many
+    records changed."""
+    spec, changed = load_spec(), 0
+    for path in sorted((RESULTS / table).glob("*.json")):
+        record = json.loads(path.read_text())
+        run_dir = work / table / f"{record['row']}-seed{record['seed']}"
+        if "summary" in record or "test_acc" not in record or not (run_dir / "report.json").exists():
+            continue
+        cmd = commands_for(spec, table, record["row"], record["seed"], run_dir)[-1]
+        cmd[3] = "evaluate"
+        with open(run_dir / "rows.log", "a") as log:
+            if subprocess.run([*cmd, "--force"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
+                say(f"{path.name}: evaluate failed, see {run_dir / 'rows.log'}; record unchanged")
+                continue
+        report = read_json(run_dir / "report.json", "report")
+        if report["method"]["test_acc_bundle"] != record["test_acc"]:
+            say(f"{path.name}: the run folder evaluates to {report['method']['test_acc_bundle']}, the record says "
+                f"{record['test_acc']}; not the same run, record unchanged")
+            continue
+        record["summary"], record["summary_commit"] = summarize(report), git_commit()
+        write_json_atomic(path, record)
+        changed += 1
+        say(f"{path.name}: summary added (peak memory {record['summary']['peak_memory']:,} B)")
+    return changed
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -359,12 +390,18 @@ def main() -> None:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="an override for every row of this invocation, e.g. trainer.num_threads=2")
     sub.add_parser("tables", help="rewrite the tables in benchmarks/README.md from the records")
+    refresh = sub.add_parser("refresh-costs", help="add peak memory and energy to older records of TABLE by "
+                             "evaluating their run folders again (nothing is trained)")
+    refresh.add_argument("table")
+    refresh.add_argument("--work", type=Path, default=ROOT / "runs" / "bench", help="where the run folders are")
     args = parser.parse_args()
     if args.command == "run":
         ok = run_rows(args.table, args.rows.split(",") if args.rows else None,
                       [int(s) for s in args.seeds.split(",")] if args.seeds else None, args.work, args.force,
                       args.parallel, parse_sets(args.set))
         sys.exit(0 if ok else 1)
+    elif args.command == "refresh-costs":
+        say(f"{refresh_costs(args.table, args.work)} record(s) of {args.table} refreshed")
     else:
         render_tables()
 

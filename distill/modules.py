@@ -138,6 +138,38 @@ class DistillModule(_SupervisedModule):
         return None
 
 
+class LogitLossModule(DistillModule):
+    """The registered logit losses (``ce``, ``kd``: whatever reads no feature map) on the logits a method
+    trains: by default the devices' combined output, ``self.model(x)`` (CP's class scores in class
+    order); a method whose every device is a whole classifier trains each one's (VP, by overriding
+    ``loss_logits``). The loss is the sum over those logits and over the losses."""
+
+    def __init__(self, model: torch.nn.Module, plan: dict, losses: dict, optim_cfg: dict, num_classes: int,
+                 teacher: FeatureClassifier | None, channels_last: bool = True) -> None:
+        built = build_losses(losses)
+        needs_teacher = any(loss.reads_teacher for loss in built.values())
+        super().__init__(model, plan, optim_cfg, num_classes, teacher if needs_teacher else None, channels_last)
+        self.losses = built
+
+    def loss_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The logits the losses read, by the name they are logged under."""
+        return {"combined": self.model(x)}
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y, t = self.unpack(batch)
+        teacher_logits = None if t is None else t.logits
+        named = self.loss_logits(x)
+        total = x.new_zeros((), dtype=torch.float32)
+        for name, logits in named.items():
+            b = DistillBatch(logits, teacher_logits, (), None, (), y, self.progress(batch_idx))
+            loss = torch.stack([fn(b) for fn in self.losses.values()]).sum()
+            if len(named) > 1:
+                self.log(f"train/loss_{name}", loss)
+            total = total + loss
+        self.log("train/loss", total, prog_bar=True)
+        return total
+
+
 class NoNNModule(DistillModule):
     """K students + shared classifier trained jointly, against a frozen teacher when a loss reads it
     (NoNN, the single-student baselines and LCP's branches all train here)."""

@@ -1,17 +1,14 @@
 """Class parallelism: the classes split into K groups, one device per group scoring only its own
 classes. The aggregator puts the scores back in class order; a lost device loses its classes (they
-get a score no class can lose to). Trained jointly: CE over the assembled scores, plus KD from the
-teacher's logits restricted to each group."""
+get a score no class can lose to). Trained jointly: the registered logit losses (KD by default; CE
+alone, or any other that reads logits) on the assembled class scores, the answer the aggregator gives."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from distill.losses import check_kd_options
-from distill.modules import DistillModule
+from distill.modules import LogitLossModule
 from methods.base import Method, register
-from students.networks import FeatureClassifier, batched
+from students.networks import batched
 from students.registry import build_model
 from students.split import Combiner, GatherModel, LogitDevice
 
@@ -75,46 +72,6 @@ def group_classes(num_classes: int, k: int, grouping: str, confusion: torch.Tens
     return sorted(sorted(g) for g in groups)
 
 
-class GroupDistillation(nn.Module):
-    """(1 - alpha) CE over the assembled scores + alpha T^2 sum_i KL(teacher's group-i logits || device i's),
-    each at temperature T over its own group's classes; alpha = 0 is CE alone."""
-
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0) -> None:  # the kd loss's defaults
-        super().__init__()
-        self.alpha, self.temperature = check_kd_options(alpha, temperature)
-
-    def forward(self, scores: list[torch.Tensor], combined: torch.Tensor, teacher_logits: torch.Tensor | None,
-                groups: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        loss = (1.0 - self.alpha) * F.cross_entropy(combined, labels)
-        if self.alpha > 0:
-            t = self.temperature
-            for s, g in zip(scores, groups):
-                soft = F.kl_div(F.log_softmax(s.float() / t, dim=1),
-                                F.log_softmax(teacher_logits.index_select(1, g).float() / t, dim=1),
-                                reduction="batchmean", log_target=True)
-                loss = loss + self.alpha * t * t * soft
-        return loss
-
-
-class ClassGroupModule(DistillModule):
-    def __init__(self, model: GatherModel, plan: dict, loss: GroupDistillation, optim_cfg: dict, num_classes: int,
-                 teacher: FeatureClassifier, channels_last: bool) -> None:
-        super().__init__(model, plan, optim_cfg, num_classes, teacher if loss.alpha > 0 else None, channels_last)
-        self.loss = loss
-        for i, g in enumerate(plan["groups"]):
-            self.register_buffer(f"group_{i}", torch.tensor(g, dtype=torch.long), persistent=False)
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y, t = self.unpack(batch)
-        teacher_logits = None if t is None else t.logits
-        scores = [d(x) for d in self.model.devices]
-        combined = self.model.aggregator.combine(torch.cat(scores, dim=1))
-        groups = [getattr(self, f"group_{i}") for i in range(len(scores))]
-        loss = self.loss(scores, combined, teacher_logits, groups, y)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-
 @register
 class ClassParallel(Method):
     name = "cp"
@@ -151,11 +108,10 @@ class ClassParallel(Method):
                    for g in plan["groups"]]
         return GatherModel(devices, ClassGroups(plan["groups"]), dm.num_classes)
 
-    def module(self, model: GatherModel, plan: dict) -> ClassGroupModule:
-        losses = self.config["distill"]["losses"]
-        kd = losses.get("kd")
-        loss = GroupDistillation(**(kd or {})) if kd is not None else GroupDistillation(0.0, 1.0)
-        return ClassGroupModule(model, plan, loss, self.optim, self.dm.num_classes, self.teacher, self.channels_last)
+    def module(self, model: GatherModel, plan: dict) -> LogitLossModule:
+        """The losses read the assembled class scores, the answer the aggregator gives."""
+        return LogitLossModule(model, plan, self.config["distill"]["losses"], self.optim, self.dm.num_classes,
+                               self.teacher, self.channels_last)
 
     def device_entries(self, plan: dict) -> list[dict]:
         names = self.dm.class_names

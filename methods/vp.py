@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import DistillBatch, build_losses
-from distill.modules import DistillModule
+from distill.modules import LogitLossModule
 from methods.base import Method, register
 from students.networks import FeatureClassifier
 from students.registry import ARCHITECTURES, build_model
@@ -57,27 +56,11 @@ class TopKSum(Combiner):
         return (hits * pairs[:, :, 1].unsqueeze(-1)).sum(dim=(1, 2))
 
 
-class VariantModule(DistillModule):
-    """Every variant's loss (CE and/or KD on its own logits), summed; accuracy of the combined top-k."""
+class VariantModule(LogitLossModule):
+    """Every variant is a whole classifier: the losses read each one's own logits."""
 
-    def __init__(self, model: GatherModel, plan: dict, losses: dict, optim_cfg: dict, num_classes: int,
-                 teacher: FeatureClassifier, channels_last: bool) -> None:
-        built = build_losses(losses)
-        needs_teacher = any(loss.reads_teacher for loss in built.values())
-        super().__init__(model, plan, optim_cfg, num_classes, teacher if needs_teacher else None, channels_last)
-        self.losses = built
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y, t = self.unpack(batch)
-        teacher_logits = None if t is None else t.logits
-        total = x.new_zeros((), dtype=torch.float32)
-        for i, device in enumerate(self.model.devices):
-            b = DistillBatch(device.logits(x), teacher_logits, (), None, (), y)
-            loss = torch.stack([fn(b) for fn in self.losses.values()]).sum()
-            self.log(f"train/loss_variant_{i}", loss)
-            total = total + loss
-        self.log("train/loss", total, prog_bar=True)
-        return total
+    def loss_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {f"variant_{i}": device.logits(x) for i, device in enumerate(self.model.devices)}
 
 
 @register

@@ -55,6 +55,9 @@ def add_deploy_command(sub: argparse._SubParsersAction) -> None:
     where = deploy.add_mutually_exclusive_group(required=True)
     where.add_argument("--run-dir", type=Path, help="a finished run: its export/ and report.json")
     where.add_argument("--bundle", type=Path, help="an export folder")
+    where.add_argument("--select", type=Path, nargs="+", metavar="RUN_DIR", help="finished runs to choose between: "
+                       "serve with the most accurate bundle whose p95 meets --deadline-ms, switching as latency "
+                       "drifts (writes select_report.json/.md)")
     deploy.add_argument("--out", type=Path, default=None,
                         help="where deploy_report.json/.md go (default: the run folder, or next to the bundle)")
     add_broker_options(deploy, required=False)
@@ -78,6 +81,12 @@ def add_deploy_command(sub: argparse._SubParsersAction) -> None:
     add_link_options(deploy)
     deploy.add_argument("--link-scope", choices=("all", "devices"), default="all",
                         help="who sends through the emulated links: every sender (default) or only the devices")
+    deploy.add_argument("--change-link-at", type=int, default=None, metavar="N", help="with --select: before "
+                        "request N, give devices --change-link-devices the link below (a radio that degrades)")
+    deploy.add_argument("--change-link-mbit", type=float, default=None, help="with --change-link-at: Mbit/s")
+    deploy.add_argument("--change-link-ms", type=float, default=None, help="with --change-link-at: latency, ms")
+    deploy.add_argument("--change-link-devices", default="0", help="with --change-link-at: comma-separated "
+                        "device indices (default 0)")
 
 
 def quiet_known_noise() -> None:

@@ -45,7 +45,7 @@ def summarize(report: dict, deploy: dict | None = None, label: str | None = None
         "label": label or n["label"], "run": report["run"], "dataset": report["dataset"], "method": n["name"],
         "devices": len(devices), "test_acc": n["test_acc_bundle"],
         "params": max(d["params"] for d in devices), "macs": max(d["macs"] for d in devices),
-        "peak_memory": max((d["peak_memory"]["total"] for d in devices if "peak_memory" in d), default=None),
+        "peak_memory": n.get("max_device_peak_memory"),
         "energy_uj": n.get("energy", {}).get("per_inference_uj"),
         "bytes_sent": n["total_bytes_sent"],
         "onnx_ms": max((d["onnx_latency_ms"] for d in devices if d.get("onnx_latency_ms") is not None), default=None),

@@ -26,9 +26,10 @@ from imagedata.data import ImageDataModule
 from pipeline.config import load_config
 from pipeline.deploy_phases import DeployOptions, measure_bundle
 from pipeline.deploy_report import wire_total, write_reports
-from pipeline.fleet import Fleet
-from serve.broker import SOURCE, Users, free_port, start_broker, write_broker_files
-from serve.mqtt import Broker, Link
+from pipeline.deploy_select import LinkChange, run_select
+from pipeline.fleet import Fleet, open_broker
+from serve.broker import SOURCE, Users
+from serve.mqtt import Link
 
 
 def run_config(run_dir: Path | None, manifest: dict) -> dict:
@@ -61,7 +62,8 @@ def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.n
     work = out_dir / "deploy"
     (work / "logs").mkdir(parents=True, exist_ok=True)
     users = {path: Users.of(m) for path, m in manifests.items()}
-    broker, credentials, broker_process = _broker(options, list(users.values()), work / "broker")
+    broker, credentials, broker_process = open_broker(options.broker_url, options.ca_file, options.credentials_dir,
+                                                      list(users.values()), work / "broker")
     setting = {"broker": broker.url, "broker_started_by_deploy": broker_process is not None,
                "processes": "external" if options.external else "started by deploy on this machine",
                "link": options.link.describe(), "deadline_ms": options.deadline_ms,
@@ -104,20 +106,6 @@ def _check_options(options: DeployOptions, num_devices: int) -> None:
         raise ValueError(f"--deadline-ms {options.deadline_ms:g}: must be above 0")
 
 
-def _broker(options: DeployOptions, users: list[Users], folder: Path):
-    """(broker, credential files by process, the broker process or None): a broker started here on a free
-    port, or the one at ``options.broker_url`` with the credentials ``nonn serve broker`` wrote for it."""
-    if options.broker_url is None:
-        port = free_port()
-        credentials = write_broker_files(folder, users, port)
-        return Broker("127.0.0.1", port), credentials, start_broker(folder, port)
-    if options.credentials_dir is None:
-        raise ValueError("--broker needs --credentials-dir (the credentials/ folder 'nonn serve broker' wrote)")
-    given = options.credentials_dir
-    credentials = {f"{u.bundle_id}/{n}": given / u.bundle_id / f"{n}.json" for u in users for n in u.names()}
-    return Broker.parse(options.broker_url, options.ca_file), credentials | {SOURCE: given / f"{SOURCE}.json"}, None
-
-
 class Terminated(Exception):
     """SIGTERM arrived during ``nonn deploy``."""
 
@@ -138,6 +126,10 @@ def sigterm_unwinds() -> Iterator[None]:
 
 def deploy_from_args(args: argparse.Namespace) -> str:
     """``nonn deploy``: every option checked before the data is read or a process starts."""
+    if args.select:
+        return select_from_args(args)
+    if args.change_link_at is not None:
+        raise ValueError("--change-link-at works with --select (the selection reacts to it)")
     if args.broker and not args.credentials_dir:
         raise ValueError("--broker needs --credentials-dir (the credentials/ folder 'nonn serve broker' wrote)")
     if args.mp and args.run_dir is None:
@@ -168,3 +160,34 @@ def deploy_from_args(args: argparse.Namespace) -> str:
     with sigterm_unwinds():
         run_deploy(bundle_dir, out_dir, images, labels, options, mp_bundle=mp_bundle, bundle_report=bundle_report)
     return (out_dir / "deploy_report.md").read_text()
+
+
+def select_from_args(args: argparse.Namespace) -> str:
+    """``nonn deploy --select RUN_DIR ...``: the deadline selection (``pipeline.deploy_select``)."""
+    if args.mp or args.external:
+        raise ValueError("--select runs every candidate's processes itself; leave out --mp and --external")
+    if args.deadline_ms is None:
+        raise ValueError("--select needs --deadline-ms: the latency the chosen bundle must meet")
+    change = None
+    if args.change_link_at is not None:
+        if args.change_link_mbit is None and args.change_link_ms is None:
+            raise ValueError("--change-link-at needs --change-link-mbit and/or --change-link-ms")
+        try:
+            devices = tuple(int(d) for d in args.change_link_devices.split(","))
+        except ValueError:
+            raise ValueError(f"--change-link-devices {args.change_link_devices!r}: comma-separated device "
+                             "indices, e.g. 0,1") from None
+        change = LinkChange(args.change_link_at, Link(args.change_link_mbit, args.change_link_ms), devices)
+    first = args.select[0]
+    _, manifest = read_manifest(first / "export")
+    config = run_config(first, manifest)
+    images, labels = test_split(config["data"], args.data_dir)
+    if args.limit is not None:
+        images, labels = images[:args.limit], labels[:args.limit]
+    options = DeployOptions(args.broker, args.ca_file, args.credentials_dir, link=Link(args.link_mbit, args.link_ms,
+                                                                                        args.link_scope),
+                            progress=args.progress)
+    out_dir = args.out or first
+    with sigterm_unwinds():
+        run_select(args.select, out_dir, images, labels, args.deadline_ms, options, change)
+    return (out_dir / "select_report.md").read_text()

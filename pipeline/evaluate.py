@@ -52,20 +52,36 @@ def model_parallel_report(bundle_dir: Path, images: torch.Tensor, labels: torch.
             "bytes_sent_between_devices": sum(d["bytes_sent"] for d in devices[:-1])}
 
 
-def teacher_peak_memory(teacher: torch.nn.Module, image_shape: tuple[int, int, int], opset: int) -> dict:
-    """The teacher's peak inference memory, as a device's is measured: from its ONNX graph."""
+def teacher_peak_memory(teacher: torch.nn.Module, image_shape: tuple[int, int, int], opset: int) -> dict | None:
+    """The teacher's peak inference memory, as a device's is measured: from its ONNX graph (None when the
+    graph has sizes that cannot be known)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "teacher.onnx"
         export_onnx(teacher.cpu().eval(), torch.zeros(2, *image_shape), path, ("images", "logits"), opset)
+        return _memory_or_none(path)
+
+
+def _memory_or_none(path: Path) -> dict | None:
+    try:
         return peak_memory(path)
+    except ValueError:
+        return None
 
 
 def part_costs(entry: dict, root: Path, int8_weights: bool, energy: EnergyModel, received: int, sent: int) -> dict:
     """A bundle part's peak memory (of the model file it runs: int8 weights when used) and estimated
     energy per inference for its MACs and the bytes it receives and sends."""
     key = "peak_memory_int8" if int8_weights and "onnx_int8" in entry["files"] else "peak_memory"
-    memory = entry.get(key) or peak_memory(root / entry["files"]["onnx_int8" if key.endswith("int8") else "onnx"])
+    if key in entry or f"{key}_error" in entry:  # the export's estimate (None: it could not be made)
+        memory = entry.get(key)
+    else:  # a bundle exported before the estimate existed
+        memory = _memory_or_none(root / entry["files"]["onnx_int8" if key.endswith("int8") else "onnx"])
     return {"peak_memory": memory, "energy_uj": round(energy.joules(entry["macs"], received + sent) * 1e6, 3)}
+
+
+def _largest(memories: list[dict | None]) -> int | None:
+    """The largest device's peak memory; None when any device's could not be estimated."""
+    return None if None in memories else max(m["total"] for m in memories)
 
 
 def input_bytes(entry: dict) -> int:
@@ -73,91 +89,115 @@ def input_bytes(entry: dict) -> int:
     return int(np.prod(entry["input"]["shape"])) * np.dtype(entry["input"]["dtype"]).itemsize
 
 
-def evaluate_run(ctx: Context, tracker: Tracker) -> dict:
-
-    dm = ctx.datamodule()
-    method, model, plan = load_trained(ctx, dm)
-    teacher = method.teacher
-    images, labels = dm.test[0].float().div(255.0), dm.test[1]
-    teacher_pred = batched(teacher, images).argmax(1)
-    torch_logits = batched(model, images)
-
-    export_dir = ctx.run_dir / "export"
-    manifest = read_json(export_dir / "manifest.json", "export manifest")
-    int8_weights = bool(ctx.config["export"]["int8_weights"])
-    bundle = Bundle.load(export_dir, use_int8=int8_weights)
-    num_devices = bundle.num_devices
+def bundle_outputs(bundle: Bundle, images: torch.Tensor) -> tuple[torch.Tensor, list[np.ndarray] | None]:
+    """The bundle's logits on ``images`` and, side by side, every device's vectors (a chain has none)."""
     if bundle.chain:
-        bundle_logits = torch.from_numpy(bundle.predict_batches(images.numpy(), batch_size=500))
-    else:
-        vectors = bundle_vectors(bundle, images)
-        bundle_logits = torch.from_numpy(np.asarray(bundle.aggregate(vectors), dtype=np.float32))
-    bundle_pred = bundle_logits.argmax(1)
+        return torch.from_numpy(bundle.predict_batches(images.numpy(), batch_size=500)), None
+    vectors = bundle_vectors(bundle, images)
+    return torch.from_numpy(np.asarray(bundle.aggregate(vectors), dtype=np.float32)), vectors
 
+
+def failure_table(bundle: Bundle, vectors: list[np.ndarray] | None, labels: torch.Tensor, accuracy: float,
+                  max_subsets: int, seed: int) -> list[dict]:
+    """Accuracy with each subset of devices missing (their vectors replaced by the fill); None: no answer."""
     failures = []
-    for missing in failure_subsets(num_devices, ctx.config["evaluate"]["max_failure_subsets"], ctx.config["seed"]):
+    for missing in failure_subsets(bundle.num_devices, max_subsets, seed):
         if not missing:
-            accuracy = _acc(bundle_pred, labels)
-        elif bundle.chain:
-            accuracy = None  # a chain with a device missing gives no answer
+            acc = accuracy
+        elif vectors is None:
+            acc = None  # a chain with a device missing gives no answer
         else:
             kept = [None if i in missing else v for i, v in enumerate(vectors)]
-            accuracy = _acc(torch.from_numpy(np.asarray(bundle.aggregate(kept))).argmax(1), labels)
-        failures.append({"missing": list(missing), "accuracy": accuracy})
+            acc = _acc(torch.from_numpy(np.asarray(bundle.aggregate(kept))).argmax(1), labels)
+        failures.append({"missing": list(missing), "accuracy": acc})
+    return failures
 
-    shape = dm.image_shape
-    energy = EnergyModel.from_config(ctx.config["evaluate"]["energy"])
-    teacher_info = {"arch": ctx.config["teacher"]["arch"], "params": count_params(teacher),
-                    "weight_bytes": weight_bytes(teacher), "macs": count_macs(teacher, shape),
-                    "feature_map_bytes": teacher.feature_channels * int(np.prod(teacher.map_size(shape))) * 4,
-                    "peak_memory": teacher_peak_memory(teacher, shape, ctx.config["export"]["opset"])}
-    teacher_info["energy_uj"] = round(energy.joules(teacher_info["macs"], 0) * 1e6, 3)
+
+def teacher_summary(teacher: torch.nn.Module, arch: str, shape: tuple[int, int, int], opset: int,
+                    energy: EnergyModel) -> dict:
+    """The teacher's size, compute, memory and energy, as it would run on one device that has the image."""
+    macs = count_macs(teacher, shape)
+    return {"arch": arch, "params": count_params(teacher), "weight_bytes": weight_bytes(teacher), "macs": macs,
+            "feature_map_bytes": teacher.feature_channels * int(np.prod(teacher.map_size(shape))) * 4,
+            "peak_memory": teacher_peak_memory(teacher, shape, opset),
+            "energy_uj": round(energy.joules(macs, 0) * 1e6, 3)}
+
+
+def part_rows(manifest: dict, bundle: Bundle, export_dir: Path, int8_weights: bool, energy: EnergyModel,
+              image: np.ndarray) -> tuple[list[dict], dict]:
+    """Each device's row (size, compute, memory, energy, its model file and ONNX Runtime time) and the
+    aggregator's."""
     devices = [{k: d[k] for k in ("name", "arch", "output_width", "params", "weight_bytes", "macs",
                                   "bytes_sent_per_inference")}
                | {"model_file": f, "model_file_bytes": (export_dir / f).stat().st_size}
                | part_costs(d, export_dir, int8_weights, energy, input_bytes(d), d["bytes_sent_per_inference"])
                for d, f in zip(manifest["devices"], bundle.model_files)]
     # batch-1 time of each device's model, one thread: what a small device's single core would see (this CPU)
-    latency = Bundle.load(export_dir, threads=1, use_int8=int8_weights).device_latency_ms(images[0].numpy())
+    latency = Bundle.load(export_dir, threads=1, use_int8=int8_weights).device_latency_ms(image)
     for d, ms in zip(devices, latency):
         d["onnx_latency_ms"] = round(ms, 4)
-    sent = [d["bytes_sent_per_inference"] for d in devices]
     aggregator = {k: manifest["aggregator"][k] for k in ("kind", "params", "weight_bytes", "macs")
                   if k in manifest["aggregator"]}
     if not bundle.chain:  # the host receives every device's vector
-        aggregator |= part_costs(manifest["aggregator"], export_dir, int8_weights, energy, sum(sent), 0)
-    parts_uj = [d["energy_uj"] for d in devices] + [aggregator.get("energy_uj", 0.0)]
-    report = {
-        "run": ctx.config["name"], "dataset": ctx.config["data"]["dataset"], "test_images": len(labels),
-        "teacher": teacher_info | {"test_acc": _acc(teacher_pred, labels)},
-        "method": {
-            "name": method.name, "label": method.label, "sends": method.sends, "num_devices": num_devices,
-            "topology": "chain" if bundle.chain else "gather", "transport": manifest["transport"]["name"],
-            "weights": "int8" if int8_weights else "fp32",
-            "test_acc_bundle": _acc(bundle_pred, labels), "test_acc_pytorch": _acc(torch_logits.argmax(1), labels),
-            "bundle_agreement": float((bundle_pred == torch_logits.argmax(1)).float().mean()),
-            "bundle_max_logit_diff": float((bundle_logits - torch_logits).abs().max()),
-            "devices": devices, "aggregator": aggregator,
-            "max_device_params": max(d["params"] for d in devices),
-            "max_device_macs": max(d["macs"] for d in devices),
-            "max_device_peak_memory": max(d["peak_memory"]["total"] for d in devices),
-            "energy": energy.describe() | {"per_inference_uj": round(sum(parts_uj), 3),
-                                           "max_device_uj": max(d["energy_uj"] for d in devices)},
-            # a chain's last device returns the answer: only what crosses between devices counts
-            "total_bytes_sent": sum(sent[:-1]) if bundle.chain else sum(sent),
-            "summary": method.summary(plan), **method.describe(plan),
-        },
-        "failures": failures,
+        received = sum(d["bytes_sent_per_inference"] for d in devices)
+        aggregator |= part_costs(manifest["aggregator"], export_dir, int8_weights, energy, received, 0)
+    return devices, aggregator
+
+
+def evaluate_run(ctx: Context, tracker: Tracker) -> dict:
+    cfg = ctx.config
+    dm = ctx.datamodule()
+    method, model, plan = load_trained(ctx, dm)
+    images, labels = dm.test[0].float().div(255.0), dm.test[1]
+    torch_logits = batched(model, images)
+    export_dir = ctx.run_dir / "export"
+    manifest = read_json(export_dir / "manifest.json", "export manifest")
+    int8_weights = bool(cfg["export"]["int8_weights"])
+    bundle = Bundle.load(export_dir, use_int8=int8_weights)
+    bundle_logits, vectors = bundle_outputs(bundle, images)
+    bundle_pred = bundle_logits.argmax(1)
+    failures = failure_table(bundle, vectors, labels, _acc(bundle_pred, labels),
+                             cfg["evaluate"]["max_failure_subsets"], cfg["seed"])
+    energy = EnergyModel.from_config(cfg["evaluate"]["energy"])
+    teacher = teacher_summary(method.teacher, cfg["teacher"]["arch"], dm.image_shape, cfg["export"]["opset"], energy)
+    teacher["test_acc"] = _acc(batched(method.teacher, images).argmax(1), labels)
+    devices, aggregator = part_rows(manifest, bundle, export_dir, int8_weights, energy, images[0].numpy())
+    sent = [d["bytes_sent_per_inference"] for d in devices]
+    n = {
+        "name": method.name, "label": method.label, "sends": method.sends, "num_devices": bundle.num_devices,
+        "topology": "chain" if bundle.chain else "gather", "transport": manifest["transport"]["name"],
+        "weights": "int8" if int8_weights else "fp32",
+        "test_acc_bundle": _acc(bundle_pred, labels), "test_acc_pytorch": _acc(torch_logits.argmax(1), labels),
+        "bundle_agreement": float((bundle_pred == torch_logits.argmax(1)).float().mean()),
+        "bundle_max_logit_diff": float((bundle_logits - torch_logits).abs().max()),
+        "devices": devices, "aggregator": aggregator,
+        "max_device_params": max(d["params"] for d in devices),
+        "max_device_macs": max(d["macs"] for d in devices),
+        "max_device_peak_memory": _largest([d["peak_memory"] for d in devices]),
+        "energy": energy.describe() | {
+            "per_inference_uj": round(sum(d["energy_uj"] for d in devices) + aggregator.get("energy_uj", 0.0), 3),
+            "max_device_uj": max(d["energy_uj"] for d in devices)},
+        # a chain's last device returns the answer: only what crosses between devices counts
+        "total_bytes_sent": sum(sent[:-1]) if bundle.chain else sum(sent),
+        "summary": method.summary(plan), **method.describe(plan),
     }
+    n["compression_vs_teacher"] = teacher["params"] / n["max_device_params"]
+    n["macs_reduction_vs_teacher"] = teacher["macs"] / n["max_device_macs"]
+    n["memory_reduction_vs_teacher"] = (teacher["peak_memory"]["total"] / n["max_device_peak_memory"]
+                                        if teacher["peak_memory"] and n["max_device_peak_memory"] else None)
+    report = {"run": cfg["name"], "dataset": cfg["data"]["dataset"], "test_images": len(labels),
+              "teacher": teacher, "method": n, "failures": failures}
     if method.mp_baseline:
         report["model_parallel"] = model_parallel_report(ctx.run_dir / "export_mp", images, labels)
-    n = report["method"]
-    n["compression_vs_teacher"] = teacher_info["params"] / n["max_device_params"]
-    n["macs_reduction_vs_teacher"] = teacher_info["macs"] / n["max_device_macs"]
+    return write_report(ctx, tracker, report)
 
+
+def write_report(ctx: Context, tracker: Tracker, report: dict) -> dict:
+    """report.json, report.md and failures.png; the stage's record and the tracker's summary."""
+    n = report["method"]
     write_json_atomic(ctx.run_dir / "report.json", report)
     write_text_atomic(ctx.run_dir / "report.md", render_markdown(report))
-    plot_failures(failures, num_devices, ctx.run_dir / "failures.png", method.label)
+    plot_failures(report["failures"], n["num_devices"], ctx.run_dir / "failures.png", n["label"])
     tracker.summary({"teacher/test_acc": report["teacher"]["test_acc"], "method/test_acc": n["test_acc_bundle"]})
     tracker.log_image("evaluate/failures", ctx.run_dir / "failures.png")
     outputs = [ctx.run_dir / "report.json", ctx.run_dir / "report.md"]

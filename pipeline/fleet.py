@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.broker import SOURCE
+from serve.broker import SOURCE, Users, free_port, start_broker, write_broker_files
 from serve.endpoint import STATS_REQUEST
 from serve.mqtt import Broker, Link, RuntimeSetupError, connect, topic
 from serve.wire import KIND_INPUT, KIND_OUTPUT, WireError, bundle_key, decode, encode
@@ -138,16 +138,20 @@ class Fleet:
     """The runtime processes ``nonn deploy`` starts: optionally the broker, K devices, the aggregator."""
 
     def __init__(self, bundle_dir: Path, broker: Broker, credentials: dict[str, Path], deadline_ms: float,
-                 link: Link, log_dir: Path, broker_process: subprocess.Popen | None = None) -> None:
+                 link: Link, log_dir: Path, broker_process: subprocess.Popen | None = None,
+                 link_files: dict[str, Path] | None = None) -> None:
         self.bundle_dir, self.broker, self.credentials = bundle_dir, broker, credentials
         self.deadline_ms, self.link, self.log_dir = deadline_ms, link, log_dir
+        self.link_files = link_files or {}  # process name -> a file that changes its link mid-run (LinkFile)
         self.processes: dict[str, subprocess.Popen] = {}
         self.killed: set[str] = set()  # stopped on purpose (the fault drill), not a death
         self.broker_process = broker_process  # the broker deploy started, watched like the others
 
-    def _command(self, role: str, *extra: str) -> list[str]:
+    def _command(self, role: str, name: str, *extra: str) -> list[str]:
         cmd = [sys.executable, "-m", "serve", "serve", role, "--bundle", str(self.bundle_dir),
                "--broker", self.broker.url, *extra]
+        if name in self.link_files:
+            cmd += ["--link-file", str(self.link_files[name])]
         if self.broker.ca_file:
             cmd += ["--ca-file", self.broker.ca_file]
         link = self.link.for_role(role)
@@ -159,11 +163,11 @@ class Fleet:
 
     def start(self, name: str) -> None:
         if name == "aggregator":
-            cmd = self._command("aggregator", "--credentials", str(self.credentials[name]),
+            cmd = self._command("aggregator", name, "--credentials", str(self.credentials[name]),
                                 "--deadline-ms", str(self.deadline_ms))
         else:
             index = int(name.split("_")[1])
-            cmd = self._command("device", "--index", str(index), "--credentials", str(self.credentials[name]))
+            cmd = self._command("device", name, "--index", str(index), "--credentials", str(self.credentials[name]))
         log = open(self.log_dir / f"{name}.log", "ab")
         env = dict(os.environ, OMP_NUM_THREADS="1")
         self.processes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -194,3 +198,17 @@ class Fleet:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def open_broker(url: str | None, ca_file: str | None, credentials_dir: Path | None, users: list[Users],
+                folder: Path) -> tuple[Broker, dict[str, Path], subprocess.Popen | None]:
+    """(broker, credential files by process, the broker process or None): a broker started here on a free
+    port, or the one at ``url`` with the credentials ``nonn serve broker`` wrote for it."""
+    if url is None:
+        port = free_port()
+        credentials = write_broker_files(folder, users, port)
+        return Broker("127.0.0.1", port), credentials, start_broker(folder, port)
+    if credentials_dir is None:
+        raise ValueError("--broker needs --credentials-dir (the credentials/ folder 'nonn serve broker' wrote)")
+    credentials = {f"{u.bundle_id}/{n}": credentials_dir / u.bundle_id / f"{n}.json" for u in users for n in u.names()}
+    return Broker.parse(url, ca_file), credentials | {SOURCE: credentials_dir / f"{SOURCE}.json"}, None

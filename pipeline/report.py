@@ -10,8 +10,18 @@ def _m(n: float) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
 
 
-def _memory(m: dict) -> str:
+def _memory(m: dict | None) -> str:
+    if m is None:
+        return "- (no static shapes)"
     return f"{_kb(m['total'])} ({_kb(m['weights'])} + {_kb(m['activations'])} + {_kb(m['runtime'])})"
+
+
+def _kb_or_dash(n: float | None) -> str:
+    return "-" if n is None else _kb(n)
+
+
+def _times(x: float | None) -> str:
+    return "?" if x is None else f"{x:.1f}"
 
 
 def render_markdown(r: dict) -> str:
@@ -25,15 +35,16 @@ def render_markdown(r: dict) -> str:
         "device) | bytes sent/inference | energy/inference (estimate) |",
         "|---|---|---|---|---|---|---|",
         f"| teacher {t['arch']} | {t['test_acc']:.4f} | {t['params']:,} | {_m(t['macs'])} | "
-        f"{_kb(t['peak_memory']['total'])} | - | {t['energy_uj']:,.1f} µJ |",
+        f"{_kb_or_dash((t['peak_memory'] or {}).get('total'))} | - | {t['energy_uj']:,.1f} µJ |",
         f"| {n['label']}, {n['num_devices']} device(s) ({details + ', ' if details else ''}{n['weights']} weights, "
         f"{n['transport']} transport, ONNX Runtime) | "
         f"{n['test_acc_bundle']:.4f} | {n['max_device_params']:,} | {_m(n['max_device_macs'])} | "
-        f"{_kb(n['max_device_peak_memory'])} | {n['total_bytes_sent']:,} B total | "
+        f"{_kb_or_dash(n['max_device_peak_memory'])} | {n['total_bytes_sent']:,} B total | "
         f"{n['energy']['per_inference_uj']:,.1f} µJ in all |",
         "",
         f"Each device sends {n['sends']}. Largest device is **{n['compression_vs_teacher']:.1f}x** smaller than "
-        f"the teacher and needs **{n['macs_reduction_vs_teacher']:.1f}x** fewer MACs. Bundle vs PyTorch: "
+        f"the teacher, needs **{n['macs_reduction_vs_teacher']:.1f}x** fewer MACs and "
+        f"**{_times(n['memory_reduction_vs_teacher'])}x** less peak memory. Bundle vs PyTorch: "
         f"{n['bundle_agreement']:.2%} prediction agreement, max logit difference {n['bundle_max_logit_diff']:.2e} "
         f"(PyTorch accuracy {n['test_acc_pytorch']:.4f}).",
         "",

@@ -25,6 +25,12 @@ def add_link_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-ms", type=float, default=None, help="emulated uplink latency, ms (sender side)")
 
 
+def add_process_link_options(p: argparse.ArgumentParser) -> None:
+    add_link_options(p)
+    p.add_argument("--link-file", type=Path, default=None, help="a JSON file {mbit_per_s, latency_ms} re-read "
+                   "when it changes: the emulated link changes while the process runs (absent: --link-mbit/-ms)")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``serve`` on the ``nonn`` parser."""
     serve = sub.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP)
@@ -36,7 +42,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     device.add_argument("--credentials", type=Path, required=True, help="this device's credential file")
     device.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     add_broker_options(device)
-    add_link_options(device)
+    add_process_link_options(device)
     aggregator = roles.add_parser("aggregator", help="collect the K vectors of each request, publish the logits")
     aggregator.add_argument("--bundle", type=Path, required=True)
     aggregator.add_argument("--credentials", type=Path, required=True)
@@ -44,7 +50,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                             help=f"answer with the devices in by then (default {defaults.DEADLINE_MS:g})")
     aggregator.add_argument("--threads", type=int, default=1)
     add_broker_options(aggregator)
-    add_link_options(aggregator)
+    add_process_link_options(aggregator)
     broker = roles.add_parser("broker", help="write the broker's config, password file, ACL and one credential "
                               "per process, then run mosquitto")
     broker.add_argument("--bundle", type=Path, required=True, action="append",
@@ -79,11 +85,13 @@ def guarded(command: Callable[[argparse.Namespace], int | None], args: argparse.
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from serve.mqtt import Broker, Link, read_credentials
+    from serve.mqtt import Broker, Link, LinkFile, read_credentials
 
     broker = Broker.parse(args.broker, args.ca_file)
     credentials = read_credentials(args.credentials)
     link = Link(args.link_mbit, args.link_ms)
+    if args.link_file is not None:
+        link = LinkFile(args.link_file, link)
     if args.role == "device":
         from serve.device import Device
 

@@ -156,3 +156,42 @@ class Link:
     def describe(self) -> dict:
         return {"emulated": self.emulated, "mbit_per_s": self.mbit_per_s, "latency_ms": self.latency_ms,
                 "scope": self.scope if self.emulated else None}
+
+
+class LinkFile(Link):
+    """An emulated link whose rate and latency a harness can change while the process runs, as ``tc``
+    would change a real one: before each message the sender re-reads ``path`` when it changed
+    (JSON ``{"mbit_per_s": x, "latency_ms": y}``, either null for none). While the file is absent the
+    link is ``base``. A file that cannot be read leaves the link as it was, so a half-written one never
+    stops a device (harnesses write it atomically anyway)."""
+
+    def __init__(self, path: Path, base: Link) -> None:
+        super().__init__(base.mbit_per_s, base.latency_ms)
+        self.path, self.base = Path(path), base
+        self._seen: int | None = None
+
+    def _refresh(self) -> None:
+        try:
+            stamp = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self._seen:
+            return
+        self._seen = stamp
+        if stamp is None:
+            self.mbit_per_s, self.latency_ms = self.base.mbit_per_s, self.base.latency_ms
+            return
+        try:
+            spec = json.loads(self.path.read_text())
+            changed = Link(spec.get("mbit_per_s"), spec.get("latency_ms"))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return
+        self.mbit_per_s, self.latency_ms = changed.mbit_per_s, changed.latency_ms
+
+    def send(self, client: mqtt.Client, topic_name: str, data: bytes) -> None:
+        self._refresh()
+        super().send(client, topic_name, data)
+
+    def describe(self) -> dict:
+        self._refresh()
+        return super().describe() | {"control_file": str(self.path)}

@@ -3,6 +3,7 @@ and the tables render from records alone."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,40 @@ def test_cells_average_only_like_machines():
           {"hardware": gpu, "distill": {"fit_seconds": 150.0, "epochs": 15}}]
     assert rows.epoch_seconds(rs) == "30 s (CPU), 10 s (H100 host)"
     assert rows.epoch_seconds(rs[:1]) == "30 s"
+
+
+def test_refresh_costs_adds_the_summary_only_where_the_run_folder_evaluates_the_same(tmp_path, monkeypatch):
+    monkeypatch.setattr(rows, "RESULTS", tmp_path / "results")
+    work = tmp_path / "work"
+    device = {"params": 1000, "macs": 2_000_000, "bytes_sent_per_inference": 24, "onnx_latency_ms": 0.5,
+              "peak_memory": {"total": 4096}}
+
+    def report(acc: float) -> dict:
+        return {"run": "r", "dataset": "fashion_mnist", "failures": [{"missing": [], "accuracy": acc}],
+                "method": {"name": "vp", "label": "VP", "devices": [device], "test_acc_bundle": acc,
+                           "total_bytes_sent": 24, "max_device_peak_memory": 4096, "topology": "gather",
+                           "energy": {"per_inference_uj": 12.5}}}
+
+    for row, acc, evaluates_to in (("vp", 0.9, 0.9), ("cp", 0.9, 0.8), ("lcp", 0.9, None)):
+        path = rows.record_path("comparison", row, 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"row": row, "label": row, "seed": 0, "test_acc": acc}))
+        if evaluates_to is not None:  # lcp's run folder is gone
+            (work / "comparison" / f"{row}-seed0").mkdir(parents=True)
+            (work / "comparison" / f"{row}-seed0" / "report.json").write_text(json.dumps(report(evaluates_to)))
+    calls, real_run = [], subprocess.run
+
+    def fake_run(cmd, **kwargs):
+        if "pipeline" not in cmd:  # git, for the record's commit
+            return real_run(cmd, **kwargs)
+        calls.append(cmd)
+        assert cmd[1:4] == ["-m", "pipeline", "evaluate"] and cmd[-1] == "--force"
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(rows.subprocess, "run", fake_run)
+    assert rows.refresh_costs("comparison", work) == 1
+    assert len(calls) == 2  # vp and cp were evaluated again; lcp has no folder
+    vp = json.loads(rows.record_path("comparison", "vp", 0).read_text())
+    assert vp["summary"]["peak_memory"] == 4096 and vp["summary"]["energy_uj"] == 12.5 and "summary_commit" in vp
+    assert "summary" not in json.loads(rows.record_path("comparison", "cp", 0).read_text())  # accuracy differs
+    assert rows.refresh_costs("comparison", work) == 0  # a record with a summary is left alone

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from distill.losses import (
     AttentionMapTransfer,
@@ -16,6 +17,10 @@ from distill.losses import (
     KnowledgeDistillation,
     build_losses,
 )
+from distill.modules import LogitLossModule
+from methods.cp import ClassGroups
+from students.registry import build_model
+from students.split import GatherModel, LogitDevice
 
 LN3 = math.log(3.0)
 
@@ -154,3 +159,23 @@ def test_distill_module_tells_the_losses_how_far_training_is():
 def test_loss_options_out_of_range_are_refused_before_training(spec, message):
     with pytest.raises(ValueError, match=message):
         build_losses(spec)
+
+
+def test_class_groups_train_any_logit_loss_on_the_assembled_scores():
+    """CP (through the shared logit-loss module) trains the registered losses on the class scores the
+    aggregator assembles: its loss is exactly those losses on ``model(x)``, and CE alone needs no teacher."""
+    torch.manual_seed(0)
+    groups = [[0, 2], [1, 3]]
+    devices = [LogitDevice(build_model("wrn_10_1", 1, 2, [0.5], [0.25])) for _ in groups]
+    model = GatherModel(devices, ClassGroups(groups), 4).eval()
+    teacher = build_model("wrn_10_1", 1, 4, [0.5], [0.25]).eval()
+    x, y = torch.rand(6, 1, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
+    kd = {"kd": {"alpha": 0.7, "temperature": 3.0}}
+    module = LogitLossModule(model, {"groups": groups}, kd, {"lr": 0.1}, 4, teacher, channels_last=False)
+    with torch.no_grad():
+        expected = KnowledgeDistillation(0.7, 3.0)(DistillBatch(model(x), teacher(x), (), None, (), y))
+        assert module.training_step((x, y), 0) == pytest.approx(float(expected), rel=1e-5)
+    ce_only = LogitLossModule(model, {"groups": groups}, {"ce": None}, {"lr": 0.1}, 4, teacher, channels_last=False)
+    assert ce_only.teacher is None
+    with torch.no_grad():
+        assert ce_only.training_step((x, y), 0) == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-5)

@@ -65,16 +65,27 @@ def test_weights_count_in_the_dtype_the_file_stores(tmp_path):
     assert memory["activations"] == 1024 + 256 * 16 * 4 + 64
 
 
-def test_unreadable_models_and_unknown_shapes_are_refused_in_one_line(tmp_path):
+def test_shapes_computed_from_data_come_from_a_batch_1_run(tmp_path):
+    """NonZero's output shape depends on the data: its size is taken from a reference run on zeros
+    (no nonzero element: [2, 0], 0 bytes), so the peak is the input's 32 bytes."""
+    path = _save([helper.make_node("NonZero", ["x"], ["i"]), helper.make_node("Transpose", ["i"], ["y"])],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                 [helper.make_tensor_value_info("y", TensorProto.INT64, None)], [], tmp_path / "dyn.onnx")
+    assert peak_memory(path)["activations"] == 32
+
+
+def test_unreadable_models_and_unknowable_sizes_are_refused_in_one_line(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="bad.onnx: not a readable ONNX model"):
         peak_memory(bad)
-    path = _save([helper.make_node("NonZero", ["x"], ["i"]), helper.make_node("Transpose", ["i"], ["y"])],
-                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-                 [helper.make_tensor_value_info("y", TensorProto.INT64, None)], [], tmp_path / "dyn.onnx")
-    with pytest.raises(ValueError, match="dyn.onnx: shape inference left .* without a size"):
-        peak_memory(path)
+    node = helper.make_node("Mystery", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    onnx.save(model, str(tmp_path / "custom.onnx"))
+    with pytest.raises(ValueError, match="custom.onnx: 1 tensor.* no static shape .* batch-1 reference run failed"):
+        peak_memory(tmp_path / "custom.onnx")
 
 
 def test_allocator_counter_sees_what_onnx_runtime_holds(tmp_path):
@@ -89,7 +100,8 @@ def test_allocator_counter_sees_what_onnx_runtime_holds(tmp_path):
     assert measured["peak"] >= measured["loaded"]
     estimate = peak_memory(path)["total"]
     assert abs(estimate - measured["peak"]) <= 0.2 * measured["peak"], (estimate, measured)
-    assert measure_ort(path)["peak"] == measured["peak"]  # the count is exact: the same model, the same bytes
+    # repeatable: the same model counts the same bytes, give or take a few small allocations
+    assert abs(measure_ort(path)["peak"] - measured["peak"]) <= 4096
 
 
 def test_energy_is_macs_times_pj_plus_bits_times_nj():

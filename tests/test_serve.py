@@ -28,7 +28,7 @@ from pipeline.deploy_phases import DeployOptions, stream_sequential
 from pipeline.fleet import Fleet, Source
 from serve import wire
 from serve.broker import SOURCE, Users, free_port, start_broker, write_broker_files
-from serve.mqtt import Broker, Link, RuntimeSetupError, connect, read_credentials, topic
+from serve.mqtt import Broker, Link, LinkFile, RuntimeSetupError, connect, read_credentials, topic
 from tests.conftest import TINY
 from tests.helpers import CLASSES, DEVICE_ENTRIES, IMAGE_SHAPE, WIDTHS, images, tiny_student
 
@@ -136,6 +136,26 @@ def test_link_emulation_scope_and_delay():
         Link(1.0, 1.0, scope="some")
     with pytest.raises(ValueError, match="--link-mbit 0: must be above 0"):
         Link(0.0, 1.0)
+
+
+def test_link_file_changes_the_link_while_the_process_runs(tmp_path):
+    """Absent: the base link; written: its rate and latency; a file that cannot be read (or sets a rate of
+    0) leaves the link as it was; removed: the base link again."""
+    path = tmp_path / "device_0.json"
+    link = LinkFile(path, Link(None, 2.0))
+    link._refresh()
+    assert link.delay_s(1250) == pytest.approx(0.002)
+    path.write_text('{"mbit_per_s": 1.0, "latency_ms": null}')
+    link._refresh()
+    assert link.delay_s(1250) == pytest.approx(0.01) and link.describe()["control_file"] == str(path)
+    for bad in ("{not json", '{"mbit_per_s": 0}'):
+        path.write_text(bad)
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + len(bad)))  # a new mtime even on a coarse clock
+        link._refresh()
+        assert link.delay_s(1250) == pytest.approx(0.01)
+    path.unlink()
+    link._refresh()
+    assert link.delay_s(1250) == pytest.approx(0.002)
 
 
 # --- end to end ----------------------------------------------------------------------------------------
