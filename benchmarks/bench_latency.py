@@ -35,7 +35,7 @@ def build_synthetic(root: Path) -> tuple[Path, Path]:
     """Untrained WRN-10-1 x 2 NoNN at 1x28x28 (Fashion-MNIST size) and a WRN-16-2 teacher; timing ignores weights."""
     import torch
 
-    from bundle.export import export_bundle, export_onnx
+    from bundle.export import ExportFormat, export_bundle, export_onnx
     from students.registry import build_model
     from students.unified import UnifiedStudent
 
@@ -45,8 +45,7 @@ def build_synthetic(root: Path) -> tuple[Path, Path]:
     student = UnifiedStudent.build(["wrn_10_1"], [64, 64], 1, 10, mean, std, out_size=(7, 7)).eval()
     images = torch.rand(64, *shape)
     export_bundle(student, root / "export", image_shape=shape, class_names=[str(i) for i in range(10)],
-                  calibration_images=images,
-                  int8_weights=True)
+                  calibration_images=images, form=ExportFormat(int8_weights=True))
     export_onnx(teacher, images[:2], root / "teacher.onnx", ("images", "logits"), opset=17)
     return root / "export", root / "teacher.onnx"
 

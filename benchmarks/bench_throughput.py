@@ -15,7 +15,7 @@ import torch
 
 from distill.losses import DistillBatch
 from distill.modules import NoNNModule
-from imagedata.data import ImageDataModule, TensorBatches
+from imagedata.data import ImageDataModule, Sampling, TensorBatches
 from pipeline.config import load_config
 from students.registry import build_model
 from students.unified import UnifiedStudent
@@ -73,7 +73,7 @@ def lightning_nonn(batches: list, steps: int, channels_last: bool, precision: st
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
                          limit_val_batches=0, precision=precision, deterministic=deterministic)
     loader = TensorBatches(torch.cat([b[0] for b in batches]).mul(255).to(torch.uint8),
-                           torch.cat([b[1] for b in batches]), BATCH, shuffle=True, drop_last=True)
+                           torch.cat([b[1] for b in batches]), BATCH, Sampling(shuffle=True, drop_last=True))
     trainer.fit(module, train_dataloaders=loader)
     return BATCH / statistics.median(timer.timings[3:])
 

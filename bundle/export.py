@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,19 @@ class AggregatorExport(nn.Module):
         return self.aggregator.combine(z * self.scale if self.dtype == "uint8" else z)
 
 
+@dataclass(frozen=True)
+class ExportFormat:
+    """How a bundle is written (the config's ``export`` section): what devices send (``fp32``, ``fp16``,
+    ``int8``), whether int8-weight models are added beside the fp32 ones, and the ONNX opset."""
+
+    transport: str = "fp32"
+    int8_weights: bool = False
+    opset: int = 17
+
+
 def export_bundle(model: GatherModel, out_dir: Path, *, image_shape: tuple[int, int, int],
-                  class_names: list[str], calibration_images: torch.Tensor, transport: str = "fp32",
-                  int8_weights: bool = False, opset: int = 17, device_entries: Sequence[dict] | None = None,
-                  extra: dict | None = None) -> dict:
+                  class_names: list[str], calibration_images: torch.Tensor, form: ExportFormat = ExportFormat(),
+                  device_entries: Sequence[dict] | None = None, extra: dict | None = None) -> dict:
     """Export ``model`` as a bundle in ``out_dir`` (replacing any earlier one only on success); returns the manifest.
 
     ``calibration_images`` (float32 in [0, 1], [N, *image_shape]) set the int8 scales and check that
@@ -76,6 +86,7 @@ def export_bundle(model: GatherModel, out_dir: Path, *, image_shape: tuple[int, 
     entries to each device's (NoNN: the teacher filters it learned); ``extra`` top-level entries.
     """
     device_entries = list(device_entries or [{} for _ in model.devices])
+    transport, int8_weights, opset = form.transport, form.int8_weights, form.opset
     _check_inputs(model, image_shape, class_names, device_entries, calibration_images, transport)
     dtype = TRANSPORTS[transport]
     model = copy.deepcopy(model).cpu().eval()  # the caller's model keeps its device and training mode

@@ -175,8 +175,10 @@ class NoNNModule(DistillModule):
     (NoNN, the single-student baselines and LCP's branches all train here)."""
 
     def __init__(self, teacher: FeatureClassifier | None, student: UnifiedStudent, partitions: Sequence[Sequence[int]],
-                 losses: dict, optim_cfg: dict, num_classes: int, student_dropout: float = 0.0,
-                 channels_last: bool = True, plan: dict | None = None) -> None:
+                 losses: dict, optim_cfg: dict, num_classes: int, channels_last: bool = True,
+                 plan: dict | None = None) -> None:
+        """``optim_cfg`` is the config's ``distill`` section: the optimiser's settings and ``student_dropout``
+        (each student's vector dropped with this probability per image while training; default 0)."""
         built = build_losses(losses)
         needs_teacher = any(loss.reads_teacher for loss in built.values())
         if needs_teacher and teacher is None:
@@ -184,7 +186,7 @@ class NoNNModule(DistillModule):
         super().__init__(student, plan if plan is not None else {"partitions": [list(p) for p in partitions]},
                          optim_cfg, num_classes, teacher if needs_teacher else None, channels_last)
         self.losses = built
-        self.student_dropout = float(student_dropout)
+        self.student_dropout = float(optim_cfg.get("student_dropout", 0.0))
         for i, p in enumerate(partitions):
             self.register_buffer(f"partition_{i}", torch.tensor(list(p), dtype=torch.long), persistent=False)
         self.num_partitions = len(partitions)  # 0 when no loss reads the teacher's filters (LCP)

@@ -6,6 +6,7 @@ vectorised tensor operations (see benchmarks/README.md for loader vs training-st
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +33,19 @@ class StoredViews(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Which images an epoch reads and in what order: shuffled (by ``seed`` and the epoch) or in order,
+    the last partial batch dropped or kept, and this process's shard under data parallelism (process
+    ``rank`` of ``world``)."""
+
+    shuffle: bool = False
+    drop_last: bool = False
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+
+
 class TensorBatches:
     """An iterable of (images in [0, 1], labels) batches over tensors held in memory; with a teacher
     ``pool``, (images, labels, teacher targets) batches of the pool's stored views.
@@ -41,16 +55,15 @@ class TensorBatches:
     shuffle with the same seed, so the shards are disjoint and cover the data.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
-                 padding: int = 0, hflip: bool = False, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world: int = 1, pool: StoredViews | None = None) -> None:
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} outside a world of {world} processes")
-        self.images, self.labels = images, labels
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, sampling: Sampling = Sampling(),
+                 padding: int = 0, hflip: bool = False, pool: StoredViews | None = None) -> None:
+        if not 0 <= sampling.rank < sampling.world:
+            raise ValueError(f"rank {sampling.rank} outside a world of {sampling.world} processes")
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.shuffle, self.drop_last, self.seed = sampling.shuffle, sampling.drop_last, sampling.seed
+        self.rank, self.world = sampling.rank, sampling.world
         self.padding, self.hflip = padding, hflip
-        self.seed, self.epoch = seed, 0
-        self.rank, self.world = rank, world
+        self.epoch = 0
         self.pool = pool
 
     def _shard_size(self) -> int:
@@ -137,11 +150,12 @@ class ImageDataModule(pl.LightningDataModule):
         return {"rank": trainer.global_rank, "world": trainer.world_size} if trainer is not None else {}
 
     def train_dataloader(self) -> TensorBatches:
-        return TensorBatches(*self.train, self.cfg["batch_size"], shuffle=True, padding=self.cfg["crop_padding"],
-                             hflip=self.cfg["hflip"], seed=self.seed, drop_last=True, pool=self.pool, **self._shard())
+        sampling = Sampling(shuffle=True, drop_last=True, seed=self.seed, **self._shard())
+        return TensorBatches(*self.train, self.cfg["batch_size"], sampling, padding=self.cfg["crop_padding"],
+                             hflip=self.cfg["hflip"], pool=self.pool)
 
     def val_dataloader(self) -> TensorBatches:
-        return TensorBatches(*self.val, self.cfg["eval_batch_size"], **self._shard())
+        return TensorBatches(*self.val, self.cfg["eval_batch_size"], Sampling(**self._shard()))
 
     def test_dataloader(self) -> TensorBatches:
-        return TensorBatches(*self.test, self.cfg["eval_batch_size"], **self._shard())
+        return TensorBatches(*self.test, self.cfg["eval_batch_size"], Sampling(**self._shard()))

@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from bundle.export import export_bundle
+from bundle.export import ExportFormat, export_bundle
 from distill.losses import LOSSES
 from imagedata.data import ImageDataModule
 from students.networks import FeatureClassifier
@@ -141,9 +141,9 @@ class Method:
         """Write the bundle (devices side by side + aggregator); returns its manifest."""
         e, dm = self.config["export"], self.dm
         return export_bundle(model, out_dir, image_shape=dm.image_shape, class_names=dm.class_names,
-                             calibration_images=calibration, transport=e["transport"], int8_weights=e["int8_weights"],
-                             opset=e["opset"], device_entries=self.device_entries(plan),
-                             extra={**extra, "method": self.name})
+                             calibration_images=calibration,
+                             form=ExportFormat(e["transport"], e["int8_weights"], e["opset"]),
+                             device_entries=self.device_entries(plan), extra={**extra, "method": self.name})
 
     # --- shared helpers ----------------------------------------------------------------------
     @property

@@ -35,8 +35,7 @@ class LCP(NoNN):
 
     def module(self, model: UnifiedStudent, plan: dict) -> NoNNModule:
         d = self.config["distill"]
-        return NoNNModule(None, model, [], d["losses"], d, self.dm.num_classes, d["student_dropout"],
-                          self.channels_last, plan)
+        return NoNNModule(None, model, [], d["losses"], d, self.dm.num_classes, self.channels_last, plan)
 
     def device_entries(self, plan: dict) -> list[dict]:
         return [{"arch": arch} for arch in self.archs(len(plan["widths"]))]

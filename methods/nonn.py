@@ -45,7 +45,7 @@ class NoNN(Method):
     def module(self, model: UnifiedStudent, plan: dict) -> NoNNModule:
         d = self.config["distill"]
         return NoNNModule(self.teacher, model, plan.get("partitions", []), d["losses"], d, self.dm.num_classes,
-                          d["student_dropout"], self.channels_last, plan)
+                          self.channels_last, plan)
 
     def device_entries(self, plan: dict) -> list[dict]:
         return [{"arch": arch, "teacher_filters": list(p)}

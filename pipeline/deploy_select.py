@@ -47,6 +47,16 @@ class LinkChange:
     devices: tuple[int, ...] = (0,)
 
 
+@dataclass(frozen=True)
+class SelectPolicy:
+    """How candidates are measured: ``probes`` images each before serving, every other candidate again
+    every ``probe_every`` requests, and each judged by the p95 of its last ``window`` latencies."""
+
+    probes: int = 10
+    probe_every: int = 10
+    window: int = 5
+
+
 @dataclass
 class Candidate:
     name: str
@@ -116,8 +126,8 @@ def write_link(folder: Path, device: int, link: Link) -> None:
 
 
 def run_select(run_dirs: list[Path], out_dir: Path, images: np.ndarray, labels: np.ndarray, deadline_ms: float,
-               options: DeployOptions = DeployOptions(), change: LinkChange | None = None, probes: int = 10,
-               probe_every: int = 10, window: int = 5) -> dict:
+               options: DeployOptions = DeployOptions(), change: LinkChange | None = None,
+               policy: SelectPolicy = SelectPolicy()) -> dict:
     """Probe, then serve ``images`` with the selection; writes select_report.json/.md into ``out_dir``."""
     if deadline_ms <= 0:
         raise ValueError(f"--deadline-ms {deadline_ms:g}: must be above 0")
@@ -148,7 +158,7 @@ def run_select(run_dirs: list[Path], out_dir: Path, images: np.ndarray, labels: 
             for name in c.names:
                 c.fleet.start(name)
             c.source.wait_ready(c.names, started)
-        served = _serve(candidates, images, deadline_ms, change, links, probes, probe_every, window)
+        served = _serve(candidates, images, deadline_ms, change, links, policy)
     finally:
         for c in candidates:
             if c.source is not None:
@@ -165,8 +175,9 @@ def run_select(run_dirs: list[Path], out_dir: Path, images: np.ndarray, labels: 
 
 
 def _serve(candidates: list[Candidate], images: np.ndarray, deadline_ms: float, change: LinkChange | None,
-           links: Path, probes: int, probe_every: int, window: int) -> dict:
+           links: Path, policy: SelectPolicy) -> dict:
     """The probe phase, then every image through the chosen candidate, probing the others on the way."""
+    probes, probe_every, window = policy.probes, policy.probe_every, policy.window
     for c in candidates:
         for i in range(min(probes, len(images))):
             ask(c, images[i], window)

@@ -69,17 +69,7 @@ def render_markdown(r: dict) -> str:
     if n["topology"] == "gather":
         lines.append(f"| aggregator | {a['kind']} | - | {a['params']:,} | {_kb(a['weight_bytes'])} | - | "
                      f"{_m(a['macs'])} | {_memory(a['peak_memory'])} | - | - | {a['energy_uj']:,.1f} µJ |")
-    mp = r.get("model_parallel")
-    if mp:
-        lines += ["", f"## Baseline: model parallelism (teacher split layer-wise across {n['num_devices']} devices, "
-                  f"`export_mp/`)", "", f"Test accuracy {mp['test_acc']:.4f} (ONNX Runtime); no answer if any device "
-                  "fails.", "", "| device | teacher layers | params | MACs/image | bytes sent/inference |",
-                  "|---|---|---|---|---|"]
-        for i, s in enumerate(mp["devices"]):
-            lines.append(f"| {i} | {s['layers']} | {s['params']:,} | {_m(s['macs'])} | {s['bytes_sent']:,} B |")
-        mp_sent = mp["bytes_sent_between_devices"]
-        lines += ["", f"Model parallelism sends {mp_sent:,} B per image between devices; {n['label']} sends "
-                  f"{n['total_bytes_sent']:,} B ({mp_sent / max(n['total_bytes_sent'], 1):.0f}x less)."]
+    lines += _model_parallel_lines(r.get("model_parallel"), n)
     how = ("a chain has no answer without every device" if n["topology"] == "chain"
            else "a failed device's message is replaced by the aggregator's fill vector")
     lines += ["", f"## Device failures ({how})", "", "| failed devices | test accuracy |", "|---|---|"]
@@ -87,3 +77,17 @@ def render_markdown(r: dict) -> str:
         acc = "no answer" if f["accuracy"] is None else f"{f['accuracy']:.4f}"
         lines.append(f"| {', '.join(map(str, f['missing'])) or 'none'} | {acc} |")
     return "\n".join(lines) + "\n"
+
+
+def _model_parallel_lines(mp: dict | None, n: dict) -> list[str]:
+    """The model-parallel baseline's section (none for MP itself)."""
+    if not mp:
+        return []
+    lines = ["", f"## Baseline: model parallelism (teacher split layer-wise across {n['num_devices']} devices, "
+             f"`export_mp/`)", "", f"Test accuracy {mp['test_acc']:.4f} (ONNX Runtime); no answer if any device "
+             "fails.", "", "| device | teacher layers | params | MACs/image | bytes sent/inference |", "|---|---|---|---|---|"]
+    for i, s in enumerate(mp["devices"]):
+        lines.append(f"| {i} | {s['layers']} | {s['params']:,} | {_m(s['macs'])} | {s['bytes_sent']:,} B |")
+    mp_sent = mp["bytes_sent_between_devices"]
+    return lines + ["", f"Model parallelism sends {mp_sent:,} B per image between devices; {n['label']} sends "
+                    f"{n['total_bytes_sent']:,} B ({mp_sent / max(n['total_bytes_sent'], 1):.0f}x less)."]

@@ -1,7 +1,7 @@
 import torch
 
 from imagedata.augment import augment_batch
-from imagedata.data import ImageDataModule, TensorBatches
+from imagedata.data import ImageDataModule, Sampling, TensorBatches
 
 
 def test_split_is_seeded_and_disjoint(tiny_config):
@@ -27,7 +27,7 @@ def test_batches_cover_the_split_in_order_and_shuffle_per_epoch():
     assert len(ordered) == 3 and torch.cat([y for _, y in ordered]).tolist() == list(range(10))
     x, _ = next(iter(ordered))
     assert x.dtype == torch.float32 and float(x.max()) <= 1.0
-    shuffled = TensorBatches(images, labels, batch_size=4, shuffle=True, drop_last=True, seed=3)
+    shuffled = TensorBatches(images, labels, batch_size=4, sampling=Sampling(shuffle=True, drop_last=True, seed=3))
     first, second = [torch.cat([y for _, y in shuffled]).tolist() for _ in range(2)]
     assert len(first) == 8 and first != second and len(set(first)) == 8
 
@@ -53,11 +53,11 @@ def test_normalisation_stats_come_from_the_training_split(tiny_config):
 def test_data_parallel_ranks_read_disjoint_shards_that_cover_the_data():
     images = torch.zeros(11, 1, 2, 2, dtype=torch.uint8)
     labels = torch.arange(11)
-    train = [TensorBatches(images, labels, batch_size=2, shuffle=True, drop_last=True, seed=5, rank=r, world=2)
+    train = [TensorBatches(images, labels, batch_size=2, sampling=Sampling(True, True, seed=5, rank=r, world=2))
              for r in range(2)]
     seen = [torch.cat([y for _, y in t]).tolist() for t in train]
     assert len(train[0]) == len(train[1]) == 2, "every rank runs the same number of training steps"
     assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1]) == 4
-    evaluation = [TensorBatches(images, labels, batch_size=4, rank=r, world=2) for r in range(2)]
+    evaluation = [TensorBatches(images, labels, batch_size=4, sampling=Sampling(rank=r, world=2)) for r in range(2)]
     shards = [torch.cat([y for _, y in e]).tolist() for e in evaluation]
     assert sorted(shards[0] + shards[1]) == list(range(11)), "evaluation reads every image exactly once"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bundle import export as export_module
-from bundle.export import export_bundle
+from bundle.export import ExportFormat, export_bundle
 from bundle.format import Bundle, BundleError
 from bundle.torch_runner import TorchBundle
 from students.unified import UnifiedStudent
@@ -41,9 +41,9 @@ def model() -> UnifiedStudent:
     return tiny_student()
 
 
-def _export(model: UnifiedStudent, out: Path, **kwargs) -> dict:
+def _export(model: UnifiedStudent, out: Path, transport: str = "fp32", int8_weights: bool = False, **kwargs) -> dict:
     return export_bundle(model, out, image_shape=IMAGE_SHAPE, class_names=CLASSES, device_entries=DEVICE_ENTRIES,
-                         calibration_images=_images(32, seed=1), **kwargs)
+                         calibration_images=_images(32, seed=1), form=ExportFormat(transport, int8_weights), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_export_into_a_file_fails_cleanly(model, tmp_path):
     ({"device_entries": [{}]}, "1 device entries"),
     ({"class_names": ["a"]}, "1 class names"),
     ({"calibration_images": torch.rand(4, 3, 16, 16)}, "calibration images have shape"),
-    ({"transport": "int4"}, "unknown transport"),
+    ({"form": ExportFormat(transport="int4")}, "unknown transport"),
     ({"extra": {"devices": []}}, "would overwrite"),
 ])
 def test_export_checks_arguments_before_writing(model, tmp_path, change, message):

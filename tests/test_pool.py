@@ -12,7 +12,7 @@ import torch
 from distill.modules import NoNNModule
 from distill.pool import TeacherPool, open_pool, pool_key, prepare_pool
 from imagedata.augment import apply_views
-from imagedata.data import TensorBatches
+from imagedata.data import Sampling, TensorBatches
 from pipeline.cli import main
 from students.registry import build_model
 from students.unified import UnifiedStudent
@@ -77,8 +77,8 @@ def test_batches_show_one_stored_view_per_image_and_vary_it_by_epoch(tmp_path: P
         assert views, f"image {i} is none of its stored views"
         assert any(torch.equal(torch.from_numpy(pool.logits[i, v].astype(np.float32)), targets.logits[i])
                    for v in views)
-    shuffled = TensorBatches(images, labels, batch_size=8, shuffle=True, padding=2, hflip=True, drop_last=True,
-                             pool=pool)
+    shuffled = TensorBatches(images, labels, batch_size=8, sampling=Sampling(shuffle=True, drop_last=True),
+                             padding=2, hflip=True, pool=pool)
     first, second = [torch.cat([t.logits for *_, t in shuffled]) for _ in range(2)]
     assert not torch.equal(first, second)
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from bundle.export import export_bundle
+from bundle.export import ExportFormat, export_bundle
 from bundle.format import Bundle, read_manifest
 from pipeline.deploy import run_deploy
 from pipeline.deploy_phases import DeployOptions, stream_sequential
@@ -46,7 +46,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for transport in ("fp32", "int8"):
         out[transport] = root / transport / "export"
         export_bundle(model, out[transport], image_shape=IMAGE_SHAPE, class_names=CLASSES, device_entries=DEVICE_ENTRIES,
-                      calibration_images=images(32, seed=1), transport=transport)
+                      calibration_images=images(32, seed=1), form=ExportFormat(transport=transport))
     return out
 
 
