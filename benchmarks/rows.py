@@ -177,14 +177,15 @@ def refresh_costs(table: str, work: Path) -> int:
     --force``; nothing is trained) and the record gains ``summary`` and ``summary_commit``. A record
     whose run folder is gone, or whose accuracy would change, is left as it was. Returns how many
     records changed."""
-    spec, changed = load_spec(), 0
+    changed = 0
     for path in sorted((RESULTS / table).glob("*.json")):
         record = json.loads(path.read_text())
         run_dir = work / table / f"{record['row']}-seed{record['seed']}"
         if "summary" in record or "test_acc" not in record or not (run_dir / "report.json").exists():
             continue
-        cmd = commands_for(spec, table, record["row"], record["seed"], run_dir)[-1]
-        cmd[3] = "evaluate"
+        # the record's own last command (rows.yaml may have changed since), as the evaluate stage
+        words = [str(run_dir) if w == "RUN_DIR" else w for w in record["commands"][-1].split()]
+        cmd = [sys.executable, "-m", "pipeline", "evaluate", *words[2:]]
         with open(run_dir / "rows.log", "a") as log:
             if subprocess.run([*cmd, "--force"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
                 say(f"{path.name}: evaluate failed, see {run_dir / 'rows.log'}; record unchanged")

@@ -161,7 +161,8 @@ def test_refresh_costs_adds_the_summary_only_where_the_run_folder_evaluates_the_
     for row, acc, evaluates_to in (("vp", 0.9, 0.9), ("cp", 0.9, 0.8), ("lcp", 0.9, None)):
         path = rows.record_path("comparison", row, 0)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"row": row, "label": row, "seed": 0, "test_acc": acc}))
+        path.write_text(json.dumps({"row": row, "label": row, "seed": 0, "test_acc": acc,
+                                    "commands": [f"nonn run --config c.yaml --run-dir RUN_DIR --seed 0 --x.{row} 1"]}))
         if evaluates_to is not None:  # lcp's run folder is gone
             (work / "comparison" / f"{row}-seed0").mkdir(parents=True)
             (work / "comparison" / f"{row}-seed0" / "report.json").write_text(json.dumps(report(evaluates_to)))
@@ -171,7 +172,9 @@ def test_refresh_costs_adds_the_summary_only_where_the_run_folder_evaluates_the_
         if "pipeline" not in cmd:  # git, for the record's commit
             return real_run(cmd, **kwargs)
         calls.append(cmd)
-        assert cmd[1:4] == ["-m", "pipeline", "evaluate"] and cmd[-1] == "--force"
+        row = cmd[-3].removeprefix("--x.")  # the record's own options, its run folder in place of RUN_DIR
+        assert cmd[1:] == ["-m", "pipeline", "evaluate", "--config", "c.yaml", "--run-dir",
+                           str(work / "comparison" / f"{row}-seed0"), "--seed", "0", f"--x.{row}", "1", "--force"]
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(rows.subprocess, "run", fake_run)
