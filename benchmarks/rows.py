@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import threading
@@ -39,7 +38,7 @@ README = ROOT / "benchmarks" / "README.md"
 sys.path.insert(0, str(ROOT))
 
 from core.io import read_json, write_json_atomic, write_text_atomic  # noqa: E402
-from pipeline.compare import failure_mean, per_host_mean, summarize, table_lines, write_plots  # noqa: E402
+from pipeline.compare import failure_mean, mean_std, per_host_mean, summarize, table_lines, write_plots  # noqa: E402
 
 PLOTS = RESULTS / "plots"
 
@@ -235,10 +234,7 @@ def records(table: str) -> dict[str, list[dict]]:
 
 def pct(values: list[float]) -> str:
     """Mean (± sample std over seeds when there are several), in percent."""
-    mean = 100 * statistics.mean(values)
-    if len(values) < 2:
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+    return mean_std(values, 100)
 
 
 def down_cell(rs: list[dict], count: int) -> str:

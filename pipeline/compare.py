@@ -79,7 +79,7 @@ def load_runs(run_dirs: list[Path], link_mbit: float = 1.0) -> list[dict]:
     return rows
 
 
-def _mean_std(values: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
+def mean_std(values: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
     """Mean (± sample std when there are several), or why there is none."""
     if not values or None in values:
         return "-"
@@ -110,7 +110,7 @@ def _down_cell(group: list[dict], count: int) -> str:
     if count >= group[0]["devices"]:
         return "no device left"
     values = [r["down"].get(str(count)) for r in group]
-    return "no answer" if None in values else _mean_std(values, 100)
+    return "no answer" if None in values else mean_std(values, 100)
 
 
 def _kib(value: float | None) -> str:
@@ -127,7 +127,7 @@ def table_lines(groups: list[list[dict]]) -> list[str]:
         r = group[0]
         latency = per_host_mean(_machines(group, "latency_ms"), ".2f")
         lines.append(
-            f"| {r['label']} | {r['devices']} | {_mean_std([g['test_acc'] for g in group], 100)} | {len(group)} | "
+            f"| {r['label']} | {r['devices']} | {mean_std([g['test_acc'] for g in group], 100)} | {len(group)} | "
             f"{r['params']:,} | {r['macs'] / 1e6:.2f} M | {_kib(r['peak_memory'])} | "
             f"{per_host_mean([(None, g['energy_uj']) for g in group], ',.0f', ' µJ')} | "
             f"{per_host_mean(_machines(group, 'onnx_ms'), '.3f')} | {r['bytes_sent']:,} B | "

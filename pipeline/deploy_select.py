@@ -19,7 +19,6 @@ so that each answer is its bundle's whole prediction.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -67,10 +66,6 @@ class Candidate:
     recent: list[float] = field(default_factory=list)  # latest latencies (s)
     source: Source | None = None
     fleet: Fleet | None = None
-
-    @property
-    def names(self) -> list[str]:
-        return [device_name(i) for i in range(len(self.manifest["devices"]))] + ["aggregator"]
 
     def p95_ms(self) -> float:
         return float(np.percentile(np.asarray(self.recent) * 1000.0, 95)) if self.recent else float("inf")
@@ -120,9 +115,8 @@ def ask(c: Candidate, image: np.ndarray, window: int) -> tuple[int | None, float
 
 
 def write_link(folder: Path, device: int, link: Link) -> None:
-    tmp = folder / f".{device_name(device)}.json.tmp"
-    tmp.write_text(json.dumps({"mbit_per_s": link.mbit_per_s, "latency_ms": link.latency_ms}))
-    os.replace(tmp, folder / f"{device_name(device)}.json")
+    write_json_atomic(folder / f"{device_name(device)}.json", {"mbit_per_s": link.mbit_per_s,
+                                                               "latency_ms": link.latency_ms})
 
 
 def run_select(run_dirs: list[Path], out_dir: Path, images: np.ndarray, labels: np.ndarray, deadline_ms: float,
@@ -155,9 +149,9 @@ def run_select(run_dirs: list[Path], out_dir: Path, images: np.ndarray, labels: 
                               c.manifest["num_classes"], options.link.for_role("source"))
             c.source.health = c.fleet.check_alive
             started = time.perf_counter()
-            for name in c.names:
+            for name in u.names():
                 c.fleet.start(name)
-            c.source.wait_ready(c.names, started)
+            c.source.wait_ready(u.names(), started)
         served = _serve(candidates, images, deadline_ms, change, links, policy)
     finally:
         for c in candidates:
