@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import io
 import os
 import shutil
 import tempfile
@@ -201,11 +203,16 @@ def _building(out_dir: Path) -> Iterator[Path]:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _tidy(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    (tmp / ".pid").write_text(str(os.getpid()))
     try:
+        (tmp / ".pid").write_text(str(os.getpid()))
         yield tmp
         (tmp / ".pid").unlink()
         swap_in(tmp, out_dir)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise RuntimeError(f"no space left on the disk holding {out_dir.parent} while writing the bundle; the "
+                           f"unfinished bundle was removed and {out_dir} is as it was: free some space and rerun") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -285,15 +292,24 @@ def export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, io_names:
         # The legacy exporter is deprecated, and tracing fixes the resize branch to the exported image size.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(wrapper, (example,), str(path), input_names=[io_names[0]], output_names=[io_names[1]],
+        buffer = io.BytesIO()  # serialised in memory, written from Python: a full disk is an OSError, not an abort
+        torch.onnx.export(wrapper, (example,), buffer, input_names=[io_names[0]], output_names=[io_names[1]],
                           dynamic_axes={io_names[0]: {0: "batch"}, io_names[1]: {0: "batch"}},
                           opset_version=opset, dynamo=False)
+    write_file(path, buffer.getvalue())
 
 
 def _export_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.jit.trace(wrapper, (example,)).save(str(path))
+        buffer = io.BytesIO()
+        torch.jit.save(torch.jit.trace(wrapper, (example,)), buffer)
+    write_file(path, buffer.getvalue())
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Every model file of a bundle is written here."""
+    path.write_bytes(data)
 
 
 def _run_onnx(path: Path, inputs: np.ndarray, input_name: str) -> np.ndarray:
@@ -324,6 +340,8 @@ def _quantize_weights(src: Path, dst: Path, example: np.ndarray, input_name: str
         _run_onnx(dst, example, input_name)
     except Exception as e:  # noqa: BLE001 - any failure only means "no int8 file", recorded in the manifest
         dst.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise  # a full disk fails the export (one line, nothing left behind), never just the int8 copy
         return f"{type(e).__name__}: {e}".splitlines()[0]
     return None
 

@@ -32,14 +32,19 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def read_manifest(path: str | Path, part: int | None = None) -> tuple[Path, dict]:
+def read_manifest(path: str | Path, part: int | None = None, public_key: str | Path | None = None) -> tuple[Path, dict]:
     """Bundle folder and its manifest, after checking the schema, the manifest's own digest and the sha256
     of every listed file; with ``part`` (an index into ``parts``: devices, then the aggregator, which is
-    also -1) only that part's files, so a runtime process checks nothing but the model it loads."""
+    also -1) only that part's files, so a runtime process checks nothing but the model it loads. With
+    ``public_key`` (a PEM file) the manifest must also carry that key's signature (``bundle.signing``)."""
     root = Path(path)
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
         raise BundleError(f"{manifest_path}: no manifest.json; is this an export folder?")
+    if public_key is not None:
+        from bundle.signing import verify_bundle  # needs cryptography, only when a key is given
+
+        verify_bundle(root, public_key)
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -178,11 +183,12 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-             use_int8: bool = False) -> Bundle:
-        """Verify and load a bundle. ``use_int8`` takes each model's int8-weight file where export wrote one."""
+             use_int8: bool = False, public_key: str | Path | None = None) -> Bundle:
+        """Verify and load a bundle. ``use_int8`` takes each model's int8-weight file where export wrote one;
+        ``public_key``: refuse it unless its manifest is signed by that key."""
         import onnxruntime as ort
 
-        root, manifest = read_manifest(path)
+        root, manifest = read_manifest(path, public_key=public_key)
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads

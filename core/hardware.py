@@ -1,6 +1,7 @@
 """The machine a figure was measured on, named the same way by every benchmark and report."""
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -12,3 +13,8 @@ def cpu_name() -> str:
                     if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
+
+
+def memory_bytes() -> int:
+    """The machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -40,6 +40,12 @@ class _SupervisedModule(pl.LightningModule):
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
+    def on_train_epoch_start(self) -> None:
+        """The epoch's data order and augmentation follow the epoch number, also when resumed mid-run."""
+        loader = self.trainer.train_dataloader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.current_epoch)
+
     def configure_optimizers(self):
         c = self.optim_cfg
         params = [p for p in self.parameters() if p.requires_grad]
@@ -112,6 +118,12 @@ class DistillModule(_SupervisedModule):
         if batches == float("inf"):
             return 0.0
         return (trainer.current_epoch + batch_idx / batches) / trainer.max_epochs
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """Random draws of one training step, fixed by the run's seed, the epoch and the step: a run resumed
+        from a checkpoint draws what the uninterrupted run drew (the global generator is not checkpointed)."""
+        epoch = self._trainer.current_epoch if self._trainer is not None else 0
+        return torch.Generator().manual_seed(torch.initial_seed() * 1_000_003 + epoch * 100_003 + batch_idx)
 
     def unpack(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, TeacherTargets | None]:
         """A training batch (``x, y`` or, from the pool, ``x, y, targets``) as images in the module's memory
@@ -224,7 +236,8 @@ class NoNNModule(DistillModule):
         maps = self.student.forward_maps(x)
         drop = None
         if self.student_dropout > 0:
-            drop = torch.rand(x.shape[0], self.num_students, device=x.device) < self.student_dropout
+            drop = torch.rand(x.shape[0], self.num_students, generator=self.step_generator(batch_idx)) \
+                .to(x.device) < self.student_dropout
         logits = self.student.logits_from_maps(maps, drop)
         b = DistillBatch(logits, None if t is None else t.logits, maps, None if t is None else t.fmap,
                          self._partitions_in(None if t is None else t.map_filters), y, self.progress(batch_idx))

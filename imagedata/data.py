@@ -75,9 +75,14 @@ class TensorBatches:
         n = self._shard_size()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Read epoch ``epoch``'s order and views next: a run resumed at epoch k sees what an uninterrupted
+        one saw. (``__iter__`` is a generator: nothing is drawn until the first batch is asked for.)"""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        self.epoch += 1
+        self.epoch += 1  # iterated again without set_epoch (outside a Trainer): the next epoch's order
         order = torch.randperm(len(self.labels), generator=g) if self.shuffle else torch.arange(len(self.labels))
         order = order[self.rank::self.world][: self._shard_size()]
         augment = self.padding > 0 or self.hflip
@@ -151,8 +156,13 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> TensorBatches:
         sampling = Sampling(shuffle=True, drop_last=True, seed=self.seed, **self._shard())
-        return TensorBatches(*self.train, self.cfg["batch_size"], sampling, padding=self.cfg["crop_padding"],
-                             hflip=self.cfg["hflip"], pool=self.pool)
+        batches = TensorBatches(*self.train, self.cfg["batch_size"], sampling, padding=self.cfg["crop_padding"],
+                                hflip=self.cfg["hflip"], pool=self.pool)
+        if len(batches) == 0:  # an epoch of no steps would train nothing and save no checkpoint
+            per_process = len(self.train[1]) // sampling.world
+            raise ValueError(f"data.batch_size = {self.cfg['batch_size']} is more than the {per_process} training "
+                             f"images each training process reads; choose at most {per_process}")
+        return batches
 
     def val_dataloader(self) -> TensorBatches:
         return TensorBatches(*self.val, self.cfg["eval_batch_size"], Sampling(**self._shard()))

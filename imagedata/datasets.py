@@ -139,15 +139,19 @@ def read_idx(path: Path, content_sha256: str | None = None) -> np.ndarray:
 
 
 def _find_fashion_mnist(data_dir: Path | None, allow_download: bool) -> dict[str, Path]:
-    candidates = [d for d in (data_dir, FASHION_MNIST_SYSTEM_DIR) if d is not None]
+    """The four IDX files: in ``data_dir`` when one is named (downloaded there if allowed; never another
+    copy, so that config.yaml names the files that were read), else the system copy, else ./data."""
+    candidates = [data_dir] if data_dir is not None else [FASHION_MNIST_SYSTEM_DIR, Path("data/fashion_mnist")]
     for folder in candidates:
         paths = {key: folder / name for key, (name, *_) in FASHION_MNIST_FILES.items()}
         if all(p.exists() for p in paths.values()):
             return paths
-    target = data_dir or Path("data/fashion_mnist")
+    target = candidates[-1]
     if not allow_download:
-        raise DataError(f"Fashion-MNIST files not found in {' or '.join(map(str, candidates))}; install them "
-                        "with 'apt-get install dataset-fashion-mnist', or set data.download: true")
+        hint = "leave data.data_dir unset to read the system copy" if data_dir else \
+            "install them with 'apt-get install dataset-fashion-mnist'"
+        raise DataError(f"Fashion-MNIST files not found in {' or '.join(map(str, candidates))}; {hint}, "
+                        "or set data.download: true")
     paths = {}
     for key, (name, sha, _) in FASHION_MNIST_FILES.items():
         dest = target / name
@@ -240,6 +244,11 @@ def load_cifar(name: str, data_dir: Path | None, allow_download: bool) -> RawSpl
     test_x, test_y = split((spec.test_member,))
     names = [n.decode() for n in unpickle(spec.meta_member)[spec.names_key]]
     return RawSplits(train_x, train_y, test_x, test_y, names)
+
+
+def synthetic_peak_bytes(train_size: int, test_size: int, image_size: int, channels: int, **_: object) -> int:
+    """Memory that :func:`make_synthetic` holds at its peak: three float32 copies of the larger split."""
+    return 12 * max(train_size, test_size) * channels * image_size ** 2
 
 
 def make_synthetic(train_size: int, test_size: int, image_size: int, channels: int, num_classes: int,

@@ -73,6 +73,9 @@ class Method:
     def resolve_options(cls, given: dict | None) -> dict:
         """The defaults with ``given`` on top; an unknown key or a value of the wrong type is refused."""
         resolved = copy.deepcopy(cls.options)
+        if given is not None and not isinstance(given, dict):
+            raise ValueError(f"method_options.{cls.name} = {given!r}: must be a mapping of option to value; "
+                             f"known options: {', '.join(cls.options) or '(none)'}")
         for key, value in (given or {}).items():
             if key not in cls.options:
                 raise ValueError(f"method_options.{cls.name}: unknown option {key!r}; "

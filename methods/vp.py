@@ -15,6 +15,8 @@ from students.networks import FeatureClassifier
 from students.registry import ARCHITECTURES, build_model
 from students.split import Combiner, GatherModel
 
+MIN_RESOLUTION = 8  # px: the students' strided stages need at least this much input
+
 
 class VariantDevice(nn.Module):
     """Images -> resized to this variant's resolution -> classifier -> top-k as [k class indices, k probabilities]."""
@@ -90,9 +92,19 @@ class VariantParallel(Method):
             raise ValueError(f"method_options.vp.top_k = {opts['top_k']}: must be at least 1")
 
     def plan(self) -> dict:
-        side = self.dm.image_shape[-1]
-        variants = [{"arch": v["arch"], "resolution": max(8, round(side * v["scale"]))} for v in self.opts["variants"]]
-        return {"variants": variants, "top_k": min(self.opts["top_k"], self.dm.num_classes)}
+        """The variants' resolutions on this data set; options it cannot honour are refused, never clamped,
+        so that config.yaml always says what was trained."""
+        side, classes, top_k = self.dm.image_shape[-1], self.dm.num_classes, self.opts["top_k"]
+        if top_k > classes:
+            raise ValueError(f"method_options.vp.top_k = {top_k}: the data set has {classes} classes; "
+                             f"choose 1 to {classes}")
+        variants = [{"arch": v["arch"], "resolution": round(side * v["scale"])} for v in self.opts["variants"]]
+        for i, v in enumerate(variants):
+            if v["resolution"] < MIN_RESOLUTION:
+                raise ValueError(f"method_options.vp.variants[{i}].scale = {self.opts['variants'][i]['scale']}: "
+                                 f"{v['resolution']} px of the data set's {side}; the smallest variant is "
+                                 f"{MIN_RESOLUTION} px (scale >= {MIN_RESOLUTION / side:.2f})")
+        return {"variants": variants, "top_k": top_k}
 
     def build(self, plan: dict) -> GatherModel:
         dm = self.dm

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import sys
 import warnings
 from pathlib import Path
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="YAML profile, e.g. configs/fashion_mnist/quick.yaml (default: built-in defaults)")
         p.add_argument("--run-dir", type=Path, default=None, help="run folder (default: runs/<name>)")
         p.add_argument("--force", action="store_true", help="redo the stage(s) even if up to date")
+        if name in ("run", "export"):
+            p.add_argument("--sign", type=Path, default=None, metavar="KEY", help="sign each bundle's manifest with "
+                           "this Ed25519 private key (PEM); the same as --export.sign_key KEY")
     add_runtime_commands(sub)
     add_deploy_command(sub)
     compare = sub.add_parser("compare", help=COMPARE_HELP, description=COMPARE_HELP)
@@ -140,6 +144,8 @@ def run_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
     from pipeline.stages import run_stage
 
     quiet_known_noise()
+    if getattr(args, "sign", None) is not None:
+        overrides = [*overrides, "--export.sign_key", str(args.sign)]
     try:
         config = load_config(args.config, overrides)
     except ConfigError as e:
@@ -154,7 +160,7 @@ def run_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
             for stage in STAGES if args.command == "run" else (args.command,):
                 run_stage(ctx, stage)
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as e:
-        print(f"nonn: error: {e}", file=sys.stderr)
+        print(f"nonn: error: {_describe(e, ctx.run_dir)}", file=sys.stderr)
         return 1
     except (SIGTERMException, KeyboardInterrupt) as e:
         # Lightning turns SIGTERM into a SystemExit with code 0: an unfinished stage must not look finished
@@ -164,3 +170,11 @@ def run_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command in ("run", "evaluate"):
         print((ctx.run_dir / "report.md").read_text())
     return 0
+
+
+def _describe(error: Exception, run_dir: Path) -> str:
+    """One line; a full disk names the run folder and the file (an ``[Errno 28]`` alone names neither)."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" while writing {error.filename}" if error.filename else ""
+        return f"no space left on the disk holding {run_dir}{where}; free some space and rerun"
+    return str(error)

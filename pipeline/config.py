@@ -13,11 +13,13 @@ from typing import Any
 import yaml
 
 from bundle.format import TRANSPORTS
+from bundle.signing import load_private_key
 from core.energy import EnergyModel
+from core.hardware import memory_bytes
 from distill.losses import build_losses
 from distill.modules import SCHEDULES
 from distill.tracking import WANDB_MODES
-from imagedata.datasets import DATASETS
+from imagedata.datasets import DATASETS, synthetic_peak_bytes
 from methods import METHODS, Method
 from partitioning.activations import POOLINGS
 from partitioning.communities import PARTITION_MODES
@@ -112,6 +114,8 @@ DEFAULTS: dict[str, Any] = {
         "transport": "fp32",         # fp32 | fp16 | int8: how device vectors travel
         "int8_weights": False,       # dynamic int8 weight quantisation with ONNX Runtime
         "opset": 17,
+        "sign_key": None,            # an Ed25519 private key (PEM): sign each bundle's manifest (manifest.sig;
+                                     # bundle/signing.py); --sign KEY on nonn export / run
     },
     "evaluate": {
         "max_failure_subsets": 32,   # beyond K <= 4, this many random subsets per failure count
@@ -296,6 +300,10 @@ def _unit_interval(v: float) -> bool:
     return 0 <= v < 1
 
 
+def _seed(v: int) -> bool:
+    return 0 <= v < 2 ** 32  # what numpy's and torch's generators take
+
+
 # dotted key -> (check, what the value must be)
 RANGES = {
     **{k: (_at_least_one, "at least 1") for k in (
@@ -309,6 +317,10 @@ RANGES = {
     **{k: (_unit_interval, "in [0, 1)") for k in ("teacher.momentum", "distill.momentum",
                                                    "distill.student_dropout")},
     "partition.percentile": (lambda v: 0 <= v < 100, "in [0, 100)"),
+    **{k: (_seed, "in [0, 2**32)") for k in ("seed", "data.split_seed")},
+    **{f"data.synthetic.{k}": (_at_least_one, "at least 1") for k in ("train_size", "test_size", "channels")},
+    "data.synthetic.image_size": (lambda v: v >= 8, "at least 8 (pixels)"),
+    "data.synthetic.num_classes": (lambda v: v >= 2, "at least 2"),
 }
 
 
@@ -317,6 +329,22 @@ def _check_ranges(config: dict) -> None:
         value = select(config, dotted)
         if not ok(value):
             raise ConfigError(f"{dotted} = {value!r}: must be {what}")
+    _check_synthetic(config["data"])
+
+
+def _check_synthetic(data: dict) -> None:
+    """Generated images must fit in memory, and they read no files."""
+    if data["dataset"] != "synthetic":
+        return
+    if data["data_dir"] is not None:
+        raise ConfigError(f"data.data_dir = {data['data_dir']!r}: the synthetic data set is generated and reads no "
+                          "files; remove data.data_dir or choose another data.dataset")
+    need, have = synthetic_peak_bytes(**data["synthetic"]), memory_bytes()
+    if need > have // 2:
+        raise ConfigError(f"data.synthetic: {data['synthetic']['train_size']} training and "
+                          f"{data['synthetic']['test_size']} test images of {data['synthetic']['channels']}x"
+                          f"{data['synthetic']['image_size']}px need about {need / 2**30:.1f} GiB to generate, more "
+                          f"than half of this machine's {have / 2**30:.1f} GiB; make them smaller")
 
 
 def _check_components(config: dict) -> None:
@@ -329,6 +357,8 @@ def _check_components(config: dict) -> None:
     try:
         build_losses(config["distill"]["losses"] or {})
         EnergyModel.from_config(config["evaluate"]["energy"])
+        if config["export"]["sign_key"] is not None:
+            load_private_key(config["export"]["sign_key"])
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
     _check_method(config)

@@ -145,7 +145,7 @@ def run_select(run_dirs: list[Path], out_dir: Path, images: np.ndarray, labels: 
                             ANSWER_TIMEOUT_S * 1000.0, options.link, work / "logs" / u.bundle_id, broker_process,
                             files)
             c.fleet.log_dir.mkdir(parents=True, exist_ok=True)
-            c.source = Source(broker, read_credentials(credentials[SOURCE]), u.bundle_id,
+            c.source = Source(broker, read_credentials(credentials[f"{u.bundle_id}/{SOURCE}"]), u.bundle_id,
                               c.manifest["num_classes"], options.link.for_role("source"))
             c.source.health = c.fleet.check_alive
             started = time.perf_counter()

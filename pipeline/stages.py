@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 
+from bundle.signing import sign_bundle
 from core.io import sha256_file
 from distill.modules import DistillModule, TeacherModule
 from distill.pool import pool_key, prepare_pool, wait_for_pool
@@ -52,9 +53,9 @@ def _join_stage(ctx: Context, stage: str) -> dict:
 
 def _run_stage(ctx: Context, stage: str) -> dict:
     check_upstream(ctx, stage)
-    save_resolved_config(ctx)
     if not ctx.force and is_done(ctx, stage):
         print(f"[nonn] {stage}: up to date in {ctx.run_dir} (use --force to redo)")
+        save_resolved_config(ctx)
         return read_record(ctx, stage)["results"]
     print(f"[nonn] {stage}: running in {ctx.run_dir}")
     pl.seed_everything(ctx.config["seed"], workers=True, verbose=False)
@@ -66,6 +67,7 @@ def _run_stage(ctx: Context, stage: str) -> dict:
         results = STAGE_FUNCTIONS[stage](ctx, tracker)
     finally:
         tracker.finish()
+    save_resolved_config(ctx)  # only now: config.yaml describes stages that succeeded under it
     print(f"[nonn] {stage}: done in {time.perf_counter() - start:.0f} s")
     return results
 
@@ -166,6 +168,9 @@ def stage_export(ctx: Context, tracker: Tracker) -> dict:
     if method.mp_baseline:
         export_teacher_chain(method, num_devices, ctx.run_dir / "export_mp", calibration, about)
         bundles.append("export_mp")
+    if ctx.config["export"]["sign_key"]:
+        for folder in bundles:
+            sign_bundle(ctx.run_dir / folder, ctx.config["export"]["sign_key"])
     tracker.log_artifact(ctx.run_dir / "export", f"{ctx.config['name']}-bundle", "model")
     print(f"[nonn] export: {method.label}, {num_devices} devices in {ctx.run_dir / 'export'}"
           + (f", the model-parallel baseline in {ctx.run_dir / 'export_mp'}" if len(bundles) > 1 else ""))

@@ -48,12 +48,13 @@ class Pending:
 
 class Aggregator(Endpoint):
     def __init__(self, bundle_dir: str | Path, broker: Broker, credentials: tuple[str, str],
-                 deadline_ms: float = defaults.DEADLINE_MS, link: Link | None = None, threads: int = 1) -> None:
+                 deadline_ms: float = defaults.DEADLINE_MS, link: Link | None = None, threads: int = 1,
+                 public_key: Path | None = None) -> None:
         import onnxruntime as ort
 
         if deadline_ms <= 0:
             raise ValueError(f"--deadline-ms {deadline_ms}: must be > 0")
-        root, manifest = read_manifest(bundle_dir, part=-1)  # the aggregator's files only
+        root, manifest = read_manifest(bundle_dir, part=-1, public_key=public_key)  # the aggregator's files only
         self.chain = is_chain(manifest)
         self.num_devices = len(manifest["devices"])
         self.num_classes = manifest["num_classes"]

@@ -2,9 +2,11 @@
 
 ``write_broker_files`` writes, into one folder, ``mosquitto.conf`` (anonymous access off), the
 password file (Mosquitto's PBKDF2-SHA512 ``$7$`` format), an ACL that lets each process publish only
-its own topics, and ``credentials/<bundle-id>/<name>.json`` for every process plus
-``credentials/source.json`` for the client that sends images (mode 0600). Copy a process's
-credential file to its machine; the broker's machine keeps the rest.
+its own topics, and ``credentials/<bundle-id>/<name>.json`` for every process and for the bundle's
+source, the client that sends images (mode 0600). The broker takes each client's id from its user
+name, so one session per credential: a second client with the same credential replaces the first,
+and no credential can replace another's. Copy a process's credential file to its machine; the
+broker's machine keeps the rest.
 """
 from __future__ import annotations
 
@@ -62,7 +64,12 @@ class Users:
         return HEADER.size + defaults.MAX_ROWS * self.row_bytes
 
     def names(self) -> list[str]:
+        """The runtime processes."""
         return [device_name(i) for i in range(self.num_devices)] + ["aggregator"]
+
+    def accounts(self) -> list[str]:
+        """Every credential of the bundle: its processes and its source."""
+        return [*self.names(), SOURCE]
 
     def username(self, name: str) -> str:
         return f"{self.bundle_id}.{name}"
@@ -82,6 +89,7 @@ def _acl(users: Users) -> list[str]:
               for i in range(users.num_devices)]
     blocks.append(rules("aggregator", [t("input"), t("dev", "+"), t("control")],
                         [t("out"), t("status", "aggregator"), t("stats", "aggregator")]))
+    blocks.append(rules(SOURCE, [t("out"), t("status", "#"), t("stats", "#")], [t("input"), t("control")]))
     return blocks
 
 
@@ -91,12 +99,12 @@ def write_broker_files(folder: str | Path, bundles: Sequence[Users], port: int, 
 
     Several bundles can share one broker (each under its own topics). ``tls`` (optional):
     ``{"certfile": ..., "keyfile": ..., "cafile": ...}`` for an mqtts listener. Returns
-    ``"<bundle-id>/<process>"`` (and ``"source"``) -> credential file.
+    ``"<bundle-id>/<account>"`` -> credential file, for every process and each bundle's source.
     """
     folder = Path(folder).resolve()
     credentials, lines, acl = {}, [], []
-    accounts = [(f"{u.bundle_id}/{name}", u.username(name)) for u in bundles for name in u.names()]
-    for key, username in [*accounts, (SOURCE, SOURCE)]:
+    accounts = [(f"{u.bundle_id}/{name}", u.username(name)) for u in bundles for name in u.accounts()]
+    for key, username in accounts:
         password = secrets.token_urlsafe(18)
         path = folder / "credentials" / f"{key}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,10 +113,6 @@ def write_broker_files(folder: str | Path, bundles: Sequence[Users], port: int, 
         lines.append(f"{username}:{password_hash(password)}")
     for u in bundles:
         acl += _acl(u)
-    source_read = [topic(u.bundle_id, *p) for u in bundles for p in (("out",), ("status", "#"), ("stats", "#"))]
-    source_write = [topic(u.bundle_id, *p) for u in bundles for p in (("input",), ("control",))]
-    acl.append("\n".join([f"user {SOURCE}", *(f"topic read {x}" for x in source_read),
-                          *(f"topic write {x}" for x in source_write)]))
     _write_private(folder / "passwd", "\n".join(lines) + "\n")
     _write_private(folder / "acl", "\n\n".join(acl) + "\n")
     ids = ", ".join(u.bundle_id for u in bundles)
@@ -118,7 +122,10 @@ def write_broker_files(folder: str | Path, bundles: Sequence[Users], port: int, 
             "max_queued_messages 100000", "set_tcp_nodelay true",
             # larger payloads are refused by the broker, never queued: the runtime sends nothing bigger
             f"message_size_limit {max(u.message_bytes() for u in bundles)}", "log_type error", "log_type warning",
-            f"listener {port} {bind}"]
+            f"listener {port} {bind}",
+            # a client's id is its user name, so no credential can take over (kick) another's session; a
+            # listener setting in Mosquitto 2 even with per_listener_settings false, so it follows the listener
+            "use_username_as_clientid true"]
     for key, value in (tls or {}).items():
         conf.append(f"{key} {Path(value).resolve()}")
     _write_private(folder / "mosquitto.conf", "\n".join(conf) + "\n")

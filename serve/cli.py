@@ -31,6 +31,11 @@ def add_process_link_options(p: argparse.ArgumentParser) -> None:
                    "when it changes: the emulated link changes while the process runs (absent: --link-mbit/-ms)")
 
 
+def add_public_key_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--public-key", type=Path, default=None, help="an Ed25519 public key (PEM): refuse a bundle "
+                   "whose manifest is not signed by it (nonn export --sign KEY)")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``serve`` on the ``nonn`` parser."""
     serve = sub.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP)
@@ -43,6 +48,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     device.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     add_broker_options(device)
     add_process_link_options(device)
+    add_public_key_option(device)
     aggregator = roles.add_parser("aggregator", help="collect the K vectors of each request, publish the logits")
     aggregator.add_argument("--bundle", type=Path, required=True)
     aggregator.add_argument("--credentials", type=Path, required=True)
@@ -51,6 +57,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     aggregator.add_argument("--threads", type=int, default=1)
     add_broker_options(aggregator)
     add_process_link_options(aggregator)
+    add_public_key_option(aggregator)
     broker = roles.add_parser("broker", help="write the broker's config, password file, ACL and one credential "
                               "per process, then run mosquitto")
     broker.add_argument("--bundle", type=Path, required=True, action="append",
@@ -95,11 +102,13 @@ def _serve(args: argparse.Namespace) -> None:
     if args.role == "device":
         from serve.device import Device
 
-        process = Device(args.bundle, args.index, broker, credentials, link, threads=args.threads)
+        process = Device(args.bundle, args.index, broker, credentials, link, threads=args.threads,
+                         public_key=args.public_key)
     else:
         from serve.aggregator import Aggregator
 
-        process = Aggregator(args.bundle, broker, credentials, args.deadline_ms, link, threads=args.threads)
+        process = Aggregator(args.bundle, broker, credentials, args.deadline_ms, link, threads=args.threads,
+                             public_key=args.public_key)
     print(f"nonn serve {args.role}: {process.name} of bundle {process.bundle_id} on {broker.url}", flush=True)
     process.serve()
 

@@ -29,12 +29,12 @@ def images_from(payload: np.ndarray) -> np.ndarray:
 
 class Device(Endpoint):
     def __init__(self, bundle_dir: str | Path, index: int, broker: Broker, credentials: tuple[str, str],
-                 link: Link | None = None, threads: int = 1) -> None:
+                 link: Link | None = None, threads: int = 1, public_key: Path | None = None) -> None:
         import onnxruntime as ort
 
         if index < 0:
             raise ValueError(f"--index {index}: device indices start at 0")
-        root, manifest = read_manifest(bundle_dir, part=index)
+        root, manifest = read_manifest(bundle_dir, part=index, public_key=public_key)
         if index >= len(manifest["devices"]):
             raise ValueError(f"--index {index}: the bundle has devices 0..{len(manifest['devices']) - 1}")
         entry = manifest["devices"][index]

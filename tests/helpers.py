@@ -1,6 +1,8 @@
 """A tiny K=2 student with trained-looking statistics, shared by the export and runtime tests."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from students.unified import UnifiedStudent
@@ -42,3 +44,17 @@ def tiny_student() -> UnifiedStudent:
         fc.weight.mul_(20)
         fc.bias.copy_(-fc.weight @ mean)
     return m
+
+
+def key_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    """An Ed25519 key pair as PEM files, as openssl genpkey / openssl pkey -pubout write them."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public

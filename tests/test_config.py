@@ -83,6 +83,15 @@ def test_exponent_floats_are_numbers_in_overrides_and_files(tmp_path: Path):
     (["--teacher.arch", "vgg"], "teacher.arch: unknown architecture 'vgg'"),
     (["--distill.losses", "{kd: {gamma: 1}}"], "distill.losses.kd: bad options"),
     (["--distill.losses", "{fitnet: {}}"], "unknown loss 'fitnet'"),
+    (["--distill.losses", "[kd, ce]"], "distill.losses"),
+    (["--distill.losses.kd.alpha", "abc"], "distill.losses.kd: .*alpha = 'abc' must be a finite number"),
+    (["--seed", "-1"], "seed = -1: must be in \\[0, 2\\*\\*32\\)"),
+    (["--data.split_seed", "4294967296"], "data.split_seed = 4294967296: must be in"),
+    (["--method_options.vp", "[1, 2]"], "method_options.vp = \\[1, 2\\]: must be a mapping"),
+    (["--data.dataset", "synthetic", "--data.synthetic.train_size", "100000000000"],
+     "data.synthetic: 100000000000 training .* GiB to generate"),
+    (["--data.synthetic.image_size", "2"], "data.synthetic.image_size = 2: must be at least 8"),
+    (["--data.dataset", "synthetic", "--data.data_dir", "somewhere"], "data.data_dir = 'somewhere': the synthetic"),
 ])
 def test_whole_config_is_checked_before_any_stage(override, message):
     """Types, ranges, architectures and loss options fail at load time, naming the key and the value."""
@@ -115,3 +124,15 @@ def test_missing_base_file_names_the_file_that_references_it(tmp_path: Path):
     child.write_text("base: gone.yaml\n")
     with pytest.raises(ConfigError, match=r"child.yaml: its 'base' file .*gone.yaml not found"):
         load_config(child)
+
+
+def test_a_full_disk_anywhere_names_the_run_folder_and_the_file(tmp_path: Path):
+    """A bare ``[Errno 28]`` names neither the folder to clear nor the file it failed on."""
+    import errno
+
+    from pipeline.cli import _describe
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "teacher" / "last.ckpt"))
+    assert _describe(full, tmp_path) == (f"no space left on the disk holding {tmp_path} while writing "
+                                         f"{tmp_path / 'teacher' / 'last.ckpt'}; free some space and rerun")
+    assert _describe(ValueError("bad"), tmp_path) == "bad"

@@ -1,7 +1,10 @@
+import pytest
 import torch
 
 from imagedata.augment import augment_batch
 from imagedata.data import ImageDataModule, Sampling, TensorBatches
+from pipeline.config import load_config
+from tests.conftest import TINY
 
 
 def test_split_is_seeded_and_disjoint(tiny_config):
@@ -61,3 +64,12 @@ def test_data_parallel_ranks_read_disjoint_shards_that_cover_the_data():
     evaluation = [TensorBatches(images, labels, batch_size=4, sampling=Sampling(rank=r, world=2)) for r in range(2)]
     shards = [torch.cat([y for _, y in e]).tolist() for e in evaluation]
     assert sorted(shards[0] + shards[1]) == list(range(11)), "evaluation reads every image exactly once"
+
+
+def test_a_batch_larger_than_the_training_split_is_refused_naming_the_option():
+    """An epoch of zero steps would save no checkpoint and fail later with an unrelated error."""
+    config = load_config(TINY, ["--data.batch_size", "1000000000"])
+    dm = ImageDataModule(config["data"], config["seed"])
+    dm.setup()
+    with pytest.raises(ValueError, match="data.batch_size = 1000000000 is more than the 384 training images"):
+        dm.train_dataloader()

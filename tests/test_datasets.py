@@ -65,8 +65,9 @@ def test_fashion_mnist_from_data_dir(tmp_path: Path, monkeypatch):
 
 def test_fashion_mnist_missing_offline_says_how_to_get_it(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
-        load_fashion_mnist(tmp_path / "empty", allow_download=False)
+        load_fashion_mnist(None, allow_download=False)
 
 
 def test_fashion_mnist_download_checks_sha256(tmp_path: Path, monkeypatch):
@@ -194,3 +195,7 @@ def test_labels_out_of_range_and_empty_data_dir_are_refused_when_read(tmp_path: 
         load_raw(cfg, 0)
     with pytest.raises(DataError, match="data.data_dir is empty"):
         load_raw(dict(cfg, data_dir=""), 0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=f"files not found in {empty}; leave data.data_dir unset"):
+        load_raw(dict(cfg, data_dir=str(empty)), 0)  # never the system copy: config.yaml names what was read

@@ -1,6 +1,7 @@
 """Export bundle: the ONNX / TorchScript loaders reproduce the PyTorch model, and a changed bundle is refused."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,10 +15,10 @@ import torch
 
 from bundle import export as export_module
 from bundle.export import ExportFormat, export_bundle
-from bundle.format import Bundle, BundleError
+from bundle.format import Bundle, BundleError, manifest_digest
 from bundle.torch_runner import TorchBundle
 from students.unified import UnifiedStudent
-from tests.helpers import CLASSES, DEVICE_ENTRIES, IMAGE_SHAPE, PARTITIONS, WIDTHS, tiny_student
+from tests.helpers import CLASSES, DEVICE_ENTRIES, IMAGE_SHAPE, PARTITIONS, WIDTHS, key_pair, tiny_student
 from tests.helpers import images as _images
 
 BYTES_PER_NUMBER = {"fp32": 4, "fp16": 2, "int8": 1}
@@ -182,6 +183,37 @@ def test_export_recovers_from_a_kill_between_renames_and_clears_dead_build_folde
     assert not (out / ".pid").exists()
 
 
+@pytest.mark.parametrize("int8_weights", [False, True])
+def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_nothing_behind(model, bundles, tmp_path, monkeypatch,
+                                                                             int8_weights):
+    """ENOSPC on the third model file (or inside the int8 quantiser): the earlier bundle is untouched and
+    no build folder is left to keep the disk full."""
+    out = tmp_path / "export"
+    shutil.copytree(bundles["fp32"], out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    writes = []
+
+    def fill_up(path: Path, data: bytes) -> None:
+        writes.append(path)
+        if len(writes) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        path.write_bytes(data)
+
+    monkeypatch.setattr(export_module, "write_file", fill_up)
+    if int8_weights:
+        import onnxruntime.quantization as quantization
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device", str(args[1]))
+        monkeypatch.setattr(quantization, "quantize_dynamic", full)
+    with pytest.raises(RuntimeError, match=f"no space left on the disk holding {tmp_path} while writing the bundle"
+                                           f"; the unfinished bundle was removed and {out} is as it was") as raised:
+        _export(model, out, transport="fp16", int8_weights=int8_weights)
+    assert "\n" not in str(raised.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("loader", [Bundle.load, TorchBundle.load])
 def test_edited_manifest_field_is_refused(bundles, tmp_path, loader):
     copy = tmp_path / "bundle"
@@ -255,3 +287,51 @@ def test_int8_weight_files_load_and_agree(model, bundles, x):
     bundle = _load(bundles["fp32"], use_int8=True)
     assert all(f.endswith("model.int8.onnx") for f in bundle.model_files)
     assert _agreement(bundle.predict(x.numpy()), _reference(model, x)) >= 0.9
+
+
+def test_a_signed_bundle_loads_only_with_its_own_key_and_an_unsigned_one_is_refused(bundles, x, tmp_path):
+    """The manifest digest proves integrity; the signature proves who exported it: an attacker who swaps a
+    model and recomputes every checksum still fails the signature."""
+    from bundle.signing import sign_bundle
+
+    private, public = key_pair(tmp_path, "ours")
+    _, other_public = key_pair(tmp_path, "theirs")
+    signed = tmp_path / "signed"
+    shutil.copytree(bundles["fp32"], signed)
+    unsigned = tmp_path / "unsigned"
+    shutil.copytree(bundles["fp32"], unsigned)
+    sign_bundle(signed, private)
+    np.testing.assert_array_equal(Bundle.load(signed, public_key=public).predict(x.numpy()),
+                                  Bundle.load(unsigned).predict(x.numpy()))
+    with pytest.raises(BundleError, match="unsigned bundle .* export it with --sign KEY"):
+        Bundle.load(unsigned, public_key=public)
+    with pytest.raises(BundleError, match="does not verify with .*theirs.pub.pem: signed by another key"):
+        Bundle.load(signed, public_key=other_public)
+    # a tampered model with a manifest whose checksums and digest were recomputed to match it
+    manifest = json.loads((signed / "manifest.json").read_text())
+    (signed / "aggregator" / "model.ts").write_bytes(b"another model")
+    manifest["aggregator"]["sha256"]["aggregator/model.ts"] = export_module.sha256_file(signed / "aggregator/model.ts")
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (signed / "manifest.json").write_text(json.dumps(manifest))
+    Bundle.load(signed)  # intact by its own checksums ...
+    with pytest.raises(BundleError, match="does not verify"):
+        Bundle.load(signed, public_key=public)  # ... but not exported by the key's holder
+
+
+def test_bad_signing_keys_are_one_line_errors_naming_the_file(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from bundle.signing import load_private_key, load_public_key
+
+    with pytest.raises(BundleError, match="missing.pem: cannot read the private key"):
+        load_private_key(tmp_path / "missing.pem")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a key")
+    with pytest.raises(BundleError, match="garbage.pem: not an unencrypted PEM public key"):
+        load_public_key(garbage)
+    ecdsa = tmp_path / "ec.pem"
+    ecdsa.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with pytest.raises(BundleError, match="ec.pem: not an Ed25519 private key; bundles are signed with Ed25519"):
+        load_private_key(ecdsa)

@@ -344,3 +344,20 @@ def test_a_new_method_needs_only_its_own_definition(tmp_path):
     assert report["method"]["bundle_agreement"] >= 0.999
     assert report["method"]["aggregator"]["kind"] == "logit_sum"
     assert [len(f["missing"]) for f in report["failures"]] == [0, 1, 1]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"top_k": 5}, r"method_options.vp.top_k = 5: the data set has 4 classes; choose 1 to 4"),
+    ({"variants": [{"arch": "wrn_10_1", "scale": 0.3}]},
+     r"variants\[0\].scale = 0.3: 5 px of the data set's 16; the smallest variant is 8 px \(scale >= 0.50\)"),
+])
+def test_vp_refuses_options_the_data_cannot_honour_instead_of_clamping(options, message, tmp_path):
+    """config.yaml must say what was trained: a top-k above the class count or a variant below 8 px is an error."""
+    from imagedata.data import ImageDataModule
+    from methods.base import Setting
+
+    config = load_config(TINY, ["--method", "vp", "--method_options.vp", json.dumps(options)])
+    dm = ImageDataModule(config["data"], config["seed"])
+    dm.setup()
+    with pytest.raises(ValueError, match=message):
+        METHODS["vp"](Setting(config, dm, None, "", tmp_path)).plan()

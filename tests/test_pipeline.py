@@ -20,7 +20,7 @@ from pipeline.context import Context
 from pipeline.loading import load_trained
 from pipeline.records import STAGES
 from pipeline.stages import run_stage
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slow  # the whole pipeline or real processes: `pytest -m 'not slow'` skips it
 
@@ -142,6 +142,47 @@ def test_distill_killed_midway_keeps_the_last_good_result_and_resumes(finished_r
     assert torch.load(run_dir / "students" / "last.ckpt", weights_only=True)["epoch"] == 2
     assert sha256_file(run_dir / "students" / "best.ckpt") != before
     assert not list(run_dir.glob(".students*")), "nothing left beside the students folder"
+
+
+def test_a_resumed_distillation_ends_exactly_where_an_uninterrupted_one_does(finished_run, tmp_path,
+                                                                              crash_in_second_epoch, monkeypatch):
+    """The data order, the augmentation and the student dropout of epoch k do not depend on whether the run
+    was restarted before it (Lightning restores weights, optimiser and schedule, not the random generators)."""
+    config = load_config(TINY, ["--distill.epochs", "3", "--distill.student_dropout", "0.3"])
+    uninterrupted = copy_run(finished_run, tmp_path / "a")
+    run_stage(Context(config, uninterrupted), "distill")
+    resumed = copy_run(finished_run, tmp_path / "b")
+    crash_in_second_epoch(NoNNModule)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_stage(Context(config, resumed), "distill")
+    monkeypatch.undo()
+    run_stage(Context(config, resumed), "distill")
+    a, b = (torch.load(r / "students" / "last.ckpt", weights_only=True)["state_dict"] for r in (uninterrupted, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads((r / "stages" / "distill.json").read_text())["results"] for r in (uninterrupted, resumed)]
+    assert records[0]["test_acc"] == records[1]["test_acc"]
+
+
+def test_export_sign_signs_every_bundle_and_a_device_given_the_key_refuses_any_other(finished_run, tmp_path, capsys):
+    from bundle.signing import verify_bundle
+    from tests.helpers import key_pair
+
+    run_dir = copy_run(finished_run, tmp_path)
+    private, public = key_pair(tmp_path, "ours")
+    _, other = key_pair(tmp_path, "theirs")
+    args = ["export", "--config", str(TINY), "--run-dir", str(run_dir)]
+    assert main([*args, "--sign", str(tmp_path / "missing.pem")]) == 2  # refused before the stage runs
+    assert "missing.pem: cannot read the private key" in capsys.readouterr().err
+    assert main([*args, "--sign", str(private)]) == 0
+    for folder in ("export", "export_mp"):
+        verify_bundle(run_dir / folder, public)
+    credentials = tmp_path / "device_0.json"
+    credentials.write_text(json.dumps({"username": "u", "password": "p"}))
+    device = [sys.executable, "-m", "serve", "serve", "device", "--bundle", str(run_dir / "export"), "--index", "0",
+              "--broker", "mqtt://127.0.0.1:9", "--credentials", str(credentials), "--public-key", str(other)]
+    refused = subprocess.run(device, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "manifest.sig does not verify with" in refused.stderr
 
 
 def test_a_loss_that_becomes_non_finite_fails_the_stage_and_keeps_the_students(finished_run, tmp_path, capsys):

@@ -27,7 +27,7 @@ from pipeline.deploy import run_deploy
 from pipeline.deploy_phases import DeployOptions, stream_sequential
 from pipeline.fleet import Fleet, Source
 from serve import wire
-from serve.broker import SOURCE, Users, free_port, start_broker, write_broker_files
+from serve.broker import SOURCE, Users, free_port, password_hash, start_broker, write_broker_files
 from serve.mqtt import Broker, Link, LinkFile, RuntimeSetupError, connect, read_credentials, topic
 from tests.conftest import TINY
 from tests.helpers import CLASSES, DEVICE_ENTRIES, IMAGE_SHAPE, WIDTHS, images, tiny_student
@@ -68,11 +68,26 @@ def broker(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("broker")
     port = free_port()
     files = write_broker_files(folder, [users], port)
-    credentials = {name: files[f"{users.bundle_id}/{name}"] for name in users.names()} | {SOURCE: files[SOURCE]}
+    credentials = {name: files[f"{users.bundle_id}/{name}"] for name in users.accounts()}
+    credentials["rogue"] = _add_rogue_account(folder, users)
     process = start_broker(folder, port)
     yield Broker("127.0.0.1", port), credentials, users.bundle_id
     process.terminate()
     process.wait(timeout=10)
+
+
+def _add_rogue_account(folder: Path, users: Users) -> Path:
+    """A second credential with device_0's rights, as a compromised device_0 would have: it may publish on
+    dev/0 beside the real device_0 (one session per credential, so the real device's own would replace it)."""
+    password = "rogue-password"
+    acl = (folder / "acl").read_text()
+    block = next(b for b in acl.split("\n\n") if b.startswith(f"user {users.username('device_0')}\n"))
+    (folder / "acl").write_text(acl + "\n" + block.replace(users.username("device_0"), "rogue", 1) + "\n")
+    with open(folder / "passwd", "a") as f:
+        f.write(f"rogue:{password_hash(password)}\n")
+    path = folder / "credentials" / "rogue.json"
+    path.write_text(json.dumps({"username": "rogue", "password": password}))
+    return path
 
 
 @pytest.fixture
@@ -249,7 +264,7 @@ def _fleet_and_rogue(broker, fleet: Fleet) -> tuple[Source, mqtt.Client]:
     started = time.perf_counter()
     for name in NAMES:
         fleet.start(name)
-    rogue = connect(server, read_credentials(credentials["device_0"]), "rogue-device_0")
+    rogue = connect(server, read_credentials(credentials["rogue"]), "rogue-device_0")
     source.wait_ready(NAMES, started)
     return source, rogue
 
@@ -333,6 +348,29 @@ def test_the_sender_is_the_topic_not_the_header_and_vectors_open_no_request(bund
     assert stats["aggregator"]["computed"] == 1, "no answer for a request that only a device vector named"
     dropped = stats["aggregator"]["dropped"]
     assert dropped.get("spoofed") == 1 and dropped.get("unsolicited") == 20
+
+
+def test_no_credential_can_take_over_another_process_session(bundle: Path, broker, fleet: Fleet):
+    """Connecting with the aggregator's or a device's client id (as every valid credential could) no longer
+    kicks it: the broker takes each client's id from its user name."""
+    server, credentials, bundle_id = broker
+    source, rogue = _fleet_and_rogue(broker, fleet)
+    intruders = []
+    try:
+        for name in ("aggregator", "device_1"):  # the ids those processes ask for, from another credential
+            intruders.append(connect(server, read_credentials(credentials["rogue"]), f"nonn-{bundle_id}-{name}"))
+        pixel = (images(1, seed=9).numpy() * 255).astype(np.uint8)
+        answer = source.wait(source.send(pixel), 10.0)
+        stats = source.collect_stats(NAMES)
+        fleet.check_alive()
+    finally:
+        for client in intruders:
+            client.disconnect()
+        source.close()
+        rogue.disconnect()
+    assert answer is not None and answer.flags == 0, "answered by every device"
+    assert all(stats[name]["reconnects"] == 0 for name in NAMES), {n: stats[n]["reconnects"] for n in NAMES}
+    assert "use_username_as_clientid true" in (credentials["aggregator"].parents[2] / "mosquitto.conf").read_text()
 
 
 def test_rejected_credentials_are_one_line_errors(bundle: Path, broker, tmp_path: Path):
@@ -427,7 +465,7 @@ def test_deploy_against_processes_started_elsewhere(bundle: Path, broker, fleet:
         fleet.start(name)
     pixels, labels = test_images
     report = run_deploy(bundle, tmp_path, pixels[:30], labels[:30],
-                        DeployOptions(broker_url=server.url, credentials_dir=credentials[SOURCE].parent, external=True,
+                        DeployOptions(broker_url=server.url, credentials_dir=credentials[SOURCE].parents[1], external=True,
                                       drill_images=100, progress=False))
     assert report["processes"] == "external" and report["drill"] is None and not report["broker_started_by_deploy"]
     assert report["accuracy"]["predictions_equal_bundle"] and report["lost"]["total"] == 0
@@ -516,7 +554,7 @@ def test_a_broker_restart_is_survived_subscriptions_and_all(bundle: Path, tmp_pa
     users = Users.of(read_manifest(bundle)[1])
     port = free_port()
     files = write_broker_files(tmp_path / "broker", [users], port)
-    credentials = {name: files[f"{users.bundle_id}/{name}"] for name in users.names()} | {SOURCE: files[SOURCE]}
+    credentials = {name: files[f"{users.bundle_id}/{name}"] for name in users.accounts()}
     server = Broker("127.0.0.1", port)
     process = start_broker(tmp_path / "broker", port)
     fleet = Fleet(bundle.resolve(), server, credentials, 1000.0, Link(), tmp_path)

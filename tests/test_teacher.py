@@ -51,6 +51,17 @@ def test_finished_stage_is_skipped_unless_forced_or_changed(tiny_config, capsys)
     assert (ctx.run_dir / "teacher" / "best.ckpt").stat().st_mtime_ns != stamp
 
 
+def test_a_stage_that_fails_leaves_config_yaml_describing_the_last_success(tiny_config, capsys):
+    """config.yaml changes only when the stages it describes succeed."""
+    run_dir = Path(tiny_config["run_dir"])
+    args = ["teacher", "--config", "configs/synthetic/tiny.yaml", "--run-dir", str(run_dir), "--teacher.epochs", "1"]
+    assert main(args) == 0
+    before = (run_dir / "config.yaml").read_text()
+    assert main([*args, "--force", "--data.batch_size", "100000"]) == 1
+    assert "data.batch_size = 100000 is more than the 384 training images" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_text() == before
+
+
 def test_bad_teacher_checkpoints_give_clear_errors(tiny_config, tmp_path):
     ctx = Context(tiny_config, Path(tiny_config["run_dir"]))
     dm = ctx.datamodule()
