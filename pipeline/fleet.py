@@ -43,6 +43,7 @@ class Source:
         self.stats: dict[str, dict] = {}
         self.dropped = 0
         self.health: Callable[[], None] | None = None  # raises when a process it depends on died
+        self.health_checked = 0.0  # time.monotonic() of the last call
         self.sent_payload_bytes = 0
         self.cond = threading.Condition()
         self.client = connect(broker, credentials, f"nonn-{bundle_id}-{SOURCE}-{os.getpid()}")
@@ -94,14 +95,20 @@ class Source:
         ``HEALTH_CHECK_S``: a dead process raises at once instead of letting every request time out."""
         deadline = time.monotonic() + timeout_s
         with self.cond:
+            self._check_health(every_s=HEALTH_CHECK_S)  # also while answers come fast: a swapped bundle still answers
             while not predicate():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self.cond.wait(min(left, HEALTH_CHECK_S))
-                if self.health is not None and not predicate():
-                    self.health()
+                if not predicate():
+                    self._check_health()
             return True
+
+    def _check_health(self, every_s: float = 0.0) -> None:
+        if self.health is not None and time.monotonic() - self.health_checked >= every_s:
+            self.health_checked = time.monotonic()
+            self.health()
 
     def wait(self, request: int, timeout_s: float) -> Answer | None:
         self.wait_for(lambda: request in self.answers, timeout_s)
@@ -146,6 +153,7 @@ class Fleet:
         self.processes: dict[str, subprocess.Popen] = {}
         self.killed: set[str] = set()  # stopped on purpose (the fault drill), not a death
         self.broker_process = broker_process  # the broker deploy started, watched like the others
+        self.manifest = self._manifest_bytes()  # a re-export mid-run would mix two bundles in one report
 
     def _command(self, role: str, name: str, *extra: str) -> list[str]:
         cmd = [sys.executable, "-m", "serve", "serve", role, "--bundle", str(self.bundle_dir),
@@ -178,8 +186,18 @@ class Fleet:
         self.processes[name].kill()
         self.processes[name].wait()
 
+    def _manifest_bytes(self) -> bytes | None:
+        try:
+            return (self.bundle_dir / "manifest.json").read_bytes()
+        except OSError:
+            return None
+
     def check_alive(self) -> None:
-        """Raise, naming it, if the broker or a process died (other than one the drill stopped)."""
+        """Raise, naming it, if the broker or a process died (other than one the drill stopped), or if the
+        bundle was replaced while its processes run (a restarted device would load the new one)."""
+        if self._manifest_bytes() != self.manifest:
+            raise RuntimeSetupError(f"the bundle in {self.bundle_dir} changed while deploying (exported again?); "
+                                    "the answers would mix two bundles: rerun nonn deploy")
         if self.broker_process is not None and self.broker_process.poll() is not None:
             raise RuntimeSetupError(f"the broker exited with code {self.broker_process.returncode} "
                                     f"(log: {self.log_dir.parent.parent / 'broker' / 'mosquitto.log'})")

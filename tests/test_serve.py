@@ -25,7 +25,7 @@ from bundle.export import ExportFormat, export_bundle
 from bundle.format import Bundle, read_manifest
 from pipeline.deploy import run_deploy
 from pipeline.deploy_phases import DeployOptions, stream_sequential
-from pipeline.fleet import Fleet, Source
+from pipeline.fleet import HEALTH_CHECK_S, Fleet, Source
 from serve import wire
 from serve.broker import SOURCE, Users, free_port, password_hash, start_broker, write_broker_files
 from serve.mqtt import Broker, Link, LinkFile, RuntimeSetupError, connect, read_credentials, topic
@@ -350,6 +350,33 @@ def test_the_sender_is_the_topic_not_the_header_and_vectors_open_no_request(bund
     assert dropped.get("spoofed") == 1 and dropped.get("unsolicited") == 20
 
 
+def test_a_flood_from_one_credential_costs_only_its_own_messages(bundle: Path, broker, fleet: Fleet):
+    """20,000 vectors for requests nobody sent, published as fast as paho can, from device_0's rights: the
+    aggregator's inbox holds at most its share of them, answers none, and the real request sent into
+    the flood is answered with the bundle's logits (it waited 34.6 s behind an unbounded inbox before)."""
+    bundle_id = broker[2]
+    source, rogue = _fleet_and_rogue(broker, fleet)
+    key = wire.bundle_key(bundle_id)
+    vector = np.ones((1, WIDTHS[0]), np.float32)
+    pixel = (images(1, seed=11).numpy() * 255).astype(np.uint8)
+    rogue.loop_start()
+    try:
+        for request in range(50_000, 70_000):
+            rogue.publish(topic(bundle_id, "dev", 0), wire.encode(wire.KIND_DEVICE, key, request, vector))
+        answer = source.wait(source.send(pixel), 30.0)
+        stats = source.collect_stats(NAMES)
+        fleet.check_alive()
+    finally:
+        rogue.loop_stop()
+        source.close()
+        rogue.disconnect()
+    assert answer is not None and answer.flags == 0
+    np.testing.assert_allclose(answer.logits[0], Bundle.load(bundle, threads=1).predict(pixel)[0], atol=1e-5)
+    assert stats["aggregator"]["computed"] == 1, "nothing answered for the flood"
+    dropped = stats["aggregator"]["dropped"]
+    assert dropped.get("unsolicited", 0) + dropped.get("flood", 0) > 0, dropped
+
+
 def test_no_credential_can_take_over_another_process_session(bundle: Path, broker, fleet: Fleet):
     """Connecting with the aggregator's or a device's client id (as every valid credential could) no longer
     kicks it: the broker takes each client's id from its user name."""
@@ -588,6 +615,34 @@ def test_a_broker_restart_is_survived_subscriptions_and_all(bundle: Path, tmp_pa
     assert "reconnected" in (tmp_path / "device_0.log").read_text()
 
 
+def test_a_broker_that_dies_mid_stream_is_named_at_once(bundle: Path, tmp_path: Path):
+    users = Users.of(read_manifest(bundle)[1])
+    port = free_port()
+    files = write_broker_files(tmp_path / "broker", [users], port)
+    credentials = {name: files[f"{users.bundle_id}/{name}"] for name in users.accounts()}
+    server, process = Broker("127.0.0.1", port), start_broker(tmp_path / "broker", port)
+    (tmp_path / "logs").mkdir()
+    fleet = Fleet(bundle.resolve(), server, credentials, 50.0, Link(), tmp_path / "logs", process)
+    source = None
+    try:
+        started = time.perf_counter()
+        for name in NAMES:
+            fleet.start(name)
+        source = Source(server, read_credentials(credentials[SOURCE]), users.bundle_id, len(CLASSES), Link())
+        source.wait_ready(NAMES, started)
+        source.health = fleet.check_alive
+        process.kill()
+        process.wait()
+        with pytest.raises(RuntimeSetupError, match="the broker exited with code -9 .*mosquitto.log"):
+            source.wait(source.send((images(1, seed=12).numpy() * 255).astype(np.uint8)), 30.0)
+    finally:
+        if source is not None:
+            source.close()
+        fleet.stop()
+        if process.poll() is None:
+            process.kill()
+
+
 def test_a_process_that_dies_mid_stream_is_named_at_once(bundle: Path, broker, fleet: Fleet):
     """The aggregator SIGKILLed mid-stream: deploy's next wait raises naming it, instead of every request
     waiting out its timeout and the stats wait blaming the wrong cause."""
@@ -605,6 +660,28 @@ def test_a_process_that_dies_mid_stream_is_named_at_once(bundle: Path, broker, f
             source.collect_stats(NAMES, timeout_s=5.0)
     finally:
         source.close()
+
+
+def test_a_bundle_exported_again_mid_stream_ends_the_run_saying_so(bundle: Path, broker, tmp_path: Path):
+    """export --force while deploying: the running processes hold the old models, a restarted one would load
+    the new; the next wait says the bundle changed instead of mixing two bundles in one report."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    fleet = Fleet(copy.resolve(), broker[0], broker[1], 50.0, Link(), tmp_path)
+    source, rogue = _fleet_and_rogue(broker, fleet)
+    rogue.disconnect()
+    source.health = fleet.check_alive
+    pixels = (images(2, seed=10).numpy() * 255).astype(np.uint8)
+    try:
+        assert stream_sequential(source, pixels[:1], 5.0, "before", False)[0][1] is not None
+        manifest = copy / "manifest.json"
+        manifest.write_text(manifest.read_text() + "\n")  # what a new export's swap does to the folder
+        time.sleep(HEALTH_CHECK_S)  # noticed within one health-check period
+        with pytest.raises(RuntimeSetupError, match=f"the bundle in {copy} changed while deploying"):
+            stream_sequential(source, pixels, 5.0, "after", False)
+    finally:
+        source.close()
+        fleet.stop()
 
 
 def test_the_broker_refuses_payloads_larger_than_the_bundle_needs(bundle: Path, broker, fleet: Fleet):
