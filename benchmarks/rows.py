@@ -38,7 +38,7 @@ README = ROOT / "benchmarks" / "README.md"
 sys.path.insert(0, str(ROOT))
 
 from core.io import read_json, write_json_atomic, write_text_atomic  # noqa: E402
-from pipeline.compare import failure_mean, mean_std, per_host_mean, summarize, table_lines, write_plots  # noqa: E402
+from pipeline.compare import down_cell, failure_mean, mean_std, per_host_mean, summarize, table_lines, write_plots  # noqa: E402
 
 PLOTS = RESULTS / "plots"
 
@@ -237,14 +237,6 @@ def pct(values: list[float]) -> str:
     return mean_std(values, 100)
 
 
-def down_cell(rs: list[dict], count: int) -> str:
-    """The 'devices down' cell: accuracy over seeds, or why there is none."""
-    if count >= len(rs[0]["devices"]):
-        return "no device left"
-    values = [failure_mean(r["failures"], count) for r in rs]
-    return "no answer" if None in values else pct(values)
-
-
 def losses_text(config: dict) -> str:
     return ", ".join(f"{name} {' '.join(f'{k}={v:g}' for k, v in (opts or {}).items())}".strip()
                      for name, opts in config["distill"]["losses"].items())
@@ -301,7 +293,7 @@ def method_table(spec: dict, table: str) -> list[str]:
         r0 = rs[0]
         teacher = teacher or r0["teacher"]
         devices = r0["devices"]
-        downs = [down_cell(rs, count) for count in (1, 2)]
+        downs = [down_cell([failure_mean(r["failures"], n) for r in rs], n, len(rs[0]["devices"])) for n in (1, 2)]
         lines.append(f"| {r0['label']} | {pct([r['test_acc'] for r in rs])} | {len(rs)} | "
                      f"{pct([r['distill']['best_val_acc'] for r in rs])} | {max(d['params'] for d in devices):,} | "
                      f"{max(d['macs'] for d in devices) / 1e6:.2f} M | "

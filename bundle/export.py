@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from bundle.format import FORMAT, SCHEMA_VERSION, TRANSPORTS, manifest_digest
-from bundle.memory import peak_memory
+from bundle.memory import estimate_entry
 from core.io import restore_interrupted_swap, sha256_file, swap_in, write_json_atomic
 from students.complexity import count_macs, count_params, weight_bytes
 from students.split import Combiner, CombineRule, GatherModel
@@ -267,23 +267,15 @@ def _export_part(wrapper: nn.Module, root: Path, name: str, example: torch.Tenso
     export_onnx(wrapper, example[:2], root / files["onnx"], io_names, opset)
     _verify_onnx(root / files["onnx"], example.numpy(), expected, io_names[0])
     _export_torchscript(wrapper, example[:2], root / files["torchscript"])
-    extra: dict[str, Any] = _memory_entry(root / files["onnx"], "peak_memory")
+    extra: dict[str, Any] = estimate_entry(root / files["onnx"], "peak_memory")
     if int8_weights:
         error = _quantize_weights(root / files["onnx"], root / f"{name}/model.int8.onnx", example.numpy(), io_names[0])
         if error is None:
             files["onnx_int8"] = f"{name}/model.int8.onnx"
-            extra |= _memory_entry(root / files["onnx_int8"], "peak_memory_int8")
+            extra |= estimate_entry(root / files["onnx_int8"], "peak_memory_int8")
         else:
             extra["onnx_int8_error"] = error
     return {"files": files, "sha256": {rel: sha256_file(root / rel) for rel in files.values()}, **extra}
-
-
-def _memory_entry(path: Path, key: str) -> dict:
-    """``{key: estimate}``, or ``{key + "_error": why}``: an estimate that cannot be made never fails the export."""
-    try:
-        return {key: peak_memory(path)}
-    except ValueError as e:
-        return {f"{key}_error": str(e).replace(str(path.parent.parent) + "/", "")}
 
 
 def export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, io_names: tuple[str, str], opset: int) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 SCHEMA_VERSION = 3  # 2: manifest_sha256 over its own content; 3: aggregator kind and fill (any method)
 FORMAT = "nonn-bundle"
 TRANSPORTS = {"fp32": "float32", "fp16": "float16", "int8": "uint8"}  # transport name -> dtype on the wire
+SIGNATURE_FILE = "manifest.sig"  # Ed25519 signature of manifest.json's bytes (nonn export --sign KEY)
 
 
 class BundleError(ValueError):
@@ -42,9 +43,7 @@ def read_manifest(path: str | Path, part: int | None = None, public_key: str | P
     if not manifest_path.is_file():
         raise BundleError(f"{manifest_path}: no manifest.json; is this an export folder?")
     if public_key is not None:
-        from bundle.signing import verify_bundle  # needs cryptography, only when a key is given
-
-        verify_bundle(root, public_key)
+        verify_signature(root, public_key)
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -65,6 +64,47 @@ def read_manifest(path: str | Path, part: int | None = None, public_key: str | P
     except KeyError as e:
         raise BundleError(f"{manifest_path}: manifest lacks the entry {e}; re-export the bundle") from e
     return root, manifest
+
+
+def load_ed25519_key(path: str | Path, private: bool = False):
+    """The Ed25519 key (public, or the private one) in an unencrypted PEM file; errors name the file.
+    ``cryptography`` is imported only here: a device that checks no signature does not need it."""
+    kind = "private" if private else "public"
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError as e:
+        raise BundleError("signed bundles need the 'cryptography' package: pip install cryptography") from e
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read the {kind} key ({e.strerror})") from e
+    try:
+        key = (serialization.load_pem_private_key(data, password=None) if private
+               else serialization.load_pem_public_key(data))
+    except (ValueError, TypeError) as e:
+        raise BundleError(f"{path}: not an unencrypted PEM {kind} key ({str(e).splitlines()[0]})") from e
+    if not isinstance(key, ed25519.Ed25519PrivateKey if private else ed25519.Ed25519PublicKey):
+        raise BundleError(f"{path}: not an Ed25519 {kind} key; bundles are signed with Ed25519 (openssl genpkey "
+                          "-algorithm ed25519 -out key.pem; openssl pkey -in key.pem -pubout -out key.pub.pem)")
+    return key
+
+
+def verify_signature(root: Path, public_key: str | Path) -> None:
+    """Raise BundleError unless ``manifest.json`` carries a valid ``manifest.sig`` by the key's holder. The
+    checksums prove a bundle intact; this proves who exported it (``bundle.signing`` signs)."""
+    key = load_ed25519_key(public_key)
+    from cryptography.exceptions import InvalidSignature
+
+    signature = root / SIGNATURE_FILE
+    if not signature.is_file():
+        raise BundleError(f"{root}: unsigned bundle (no {SIGNATURE_FILE}) and a public key was given; export it "
+                          "with --sign KEY")
+    try:
+        key.verify(signature.read_bytes(), (root / "manifest.json").read_bytes())
+    except InvalidSignature as e:
+        raise BundleError(f"{root}: {SIGNATURE_FILE} does not verify with {public_key}: signed by another key, "
+                          "or the manifest changed after signing") from e
 
 
 def parts(manifest: dict) -> list[dict]:

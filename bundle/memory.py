@@ -194,3 +194,12 @@ def _measure_here(path: str) -> dict:
 
 if __name__ == "__main__":
     print(json.dumps(_measure_here(sys.argv[1])))
+
+
+def estimate_entry(path: Path, key: str) -> dict:
+    """``{key: peak_memory(path)}``, or ``{key + "_error": why}`` when the graph defeats the estimate: a
+    missing estimate never fails the export or the report that asks for it."""
+    try:
+        return {key: peak_memory(path)}
+    except ValueError as e:
+        return {f"{key}_error": str(e).replace(str(path.parent.parent) + "/", "")}

@@ -84,13 +84,21 @@ class TeacherModule(_SupervisedModule):
 
 
 class DistillModule(_SupervisedModule):
-    """What every method's training shares: an optional frozen teacher, the method's plan saved in every
-    checkpoint (so export never pairs the weights with another plan), accuracy of ``self(x)``."""
+    """What every method's training shares: the registered losses (``distill.losses``), a frozen teacher
+    kept only when one of them reads it, the method's plan saved in every checkpoint (so export never
+    pairs the weights with another plan), accuracy of ``self(x)``."""
 
     def __init__(self, model: torch.nn.Module, plan: dict, optim_cfg: dict, num_classes: int,
-                 teacher: FeatureClassifier | None = None, channels_last: bool = True) -> None:
+                 teacher: FeatureClassifier | None = None, channels_last: bool = True,
+                 losses: dict | None = None) -> None:
         super().__init__(model, optim_cfg, num_classes, channels_last)
         self.plan = plan
+        self.losses = {} if losses is None else build_losses(losses)  # None: the method computes its own loss
+        if any(loss.reads_teacher for loss in self.losses.values()):
+            if teacher is None:
+                raise ValueError(f"distill.losses {', '.join(self.losses)} read the teacher, but none was given")
+        elif losses is not None:
+            teacher = None  # no loss reads it: no forward passes, no memory
         self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -158,10 +166,7 @@ class LogitLossModule(DistillModule):
 
     def __init__(self, model: torch.nn.Module, plan: dict, losses: dict, optim_cfg: dict, num_classes: int,
                  teacher: FeatureClassifier | None, channels_last: bool = True) -> None:
-        built = build_losses(losses)
-        needs_teacher = any(loss.reads_teacher for loss in built.values())
-        super().__init__(model, plan, optim_cfg, num_classes, teacher if needs_teacher else None, channels_last)
-        self.losses = built
+        super().__init__(model, plan, optim_cfg, num_classes, teacher, channels_last, losses)
 
     def loss_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The logits the losses read, by the name they are logged under."""
@@ -191,13 +196,8 @@ class NoNNModule(DistillModule):
                  plan: dict | None = None) -> None:
         """``optim_cfg`` is the config's ``distill`` section: the optimiser's settings and ``student_dropout``
         (each student's vector dropped with this probability per image while training; default 0)."""
-        built = build_losses(losses)
-        needs_teacher = any(loss.reads_teacher for loss in built.values())
-        if needs_teacher and teacher is None:
-            raise ValueError(f"distill.losses {', '.join(losses)} read the teacher, but none was given")
         super().__init__(student, plan if plan is not None else {"partitions": [list(p) for p in partitions]},
-                         optim_cfg, num_classes, teacher if needs_teacher else None, channels_last)
-        self.losses = built
+                         optim_cfg, num_classes, teacher, channels_last, losses)
         self.student_dropout = float(optim_cfg.get("student_dropout", 0.0))
         for i, p in enumerate(partitions):
             self.register_buffer(f"partition_{i}", torch.tensor(list(p), dtype=torch.long), persistent=False)

@@ -106,10 +106,11 @@ def _machines(group: list[dict], key: str) -> list[tuple[str | None, float | Non
     return [(g.get("host"), g[key]) for g in group]
 
 
-def _down_cell(group: list[dict], count: int) -> str:
-    if count >= group[0]["devices"]:
+def down_cell(values: list[float | None], count: int, devices: int) -> str:
+    """The 'devices down' cell: the accuracy (%) over seeds with ``count`` of ``devices`` down, or why
+    there is none (None: the method gives no answer then)."""
+    if count >= devices:
         return "no device left"
-    values = [r["down"].get(str(count)) for r in group]
     return "no answer" if None in values else mean_std(values, 100)
 
 
@@ -132,7 +133,8 @@ def table_lines(groups: list[list[dict]]) -> list[str]:
             f"{per_host_mean([(None, g['energy_uj']) for g in group], ',.0f', ' µJ')} | "
             f"{per_host_mean(_machines(group, 'onnx_ms'), '.3f')} | {r['bytes_sent']:,} B | "
             f"{latency + ' (' + r['latency_source'] + ')' if latency != '-' else '-'} | "
-            f"{_down_cell(group, 1)} | {_down_cell(group, 2)} |")
+            + " | ".join(down_cell([g["down"].get(str(n)) for g in group], n, r["devices"]) for n in (1, 2))
+            + " |")
     return lines
 
 

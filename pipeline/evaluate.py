@@ -12,7 +12,7 @@ import torch
 
 from bundle.export import export_onnx
 from bundle.format import Bundle
-from bundle.memory import peak_memory
+from bundle.memory import estimate_entry
 from core.energy import EnergyModel
 from core.io import atomic_path, read_json, write_json_atomic, write_text_atomic
 from distill.tracking import Tracker
@@ -58,14 +58,7 @@ def teacher_peak_memory(teacher: torch.nn.Module, image_shape: tuple[int, int, i
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "teacher.onnx"
         export_onnx(teacher.cpu().eval(), torch.zeros(2, *image_shape), path, ("images", "logits"), opset)
-        return _memory_or_none(path)
-
-
-def _memory_or_none(path: Path) -> dict | None:
-    try:
-        return peak_memory(path)
-    except ValueError:
-        return None
+        return estimate_entry(path, "peak_memory").get("peak_memory")
 
 
 def part_costs(entry: dict, root: Path, int8_weights: bool, energy: EnergyModel, received: int, sent: int) -> dict:
@@ -75,7 +68,7 @@ def part_costs(entry: dict, root: Path, int8_weights: bool, energy: EnergyModel,
     if key in entry or f"{key}_error" in entry:  # the export's estimate (None: it could not be made)
         memory = entry.get(key)
     else:  # a bundle exported before the estimate existed
-        memory = _memory_or_none(root / entry["files"]["onnx_int8" if key.endswith("int8") else "onnx"])
+        memory = estimate_entry(root / entry["files"]["onnx_int8" if key.endswith("int8") else "onnx"], key).get(key)
     return {"peak_memory": memory, "energy_uj": round(energy.joules(entry["macs"], received + sent) * 1e6, 3)}
 
 

@@ -322,14 +322,15 @@ def test_bad_signing_keys_are_one_line_errors_naming_the_file(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from bundle.signing import load_private_key, load_public_key
+    from bundle.format import load_ed25519_key
+    from bundle.signing import load_private_key
 
     with pytest.raises(BundleError, match="missing.pem: cannot read the private key"):
         load_private_key(tmp_path / "missing.pem")
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a key")
     with pytest.raises(BundleError, match="garbage.pem: not an unencrypted PEM public key"):
-        load_public_key(garbage)
+        load_ed25519_key(garbage)
     ecdsa = tmp_path / "ec.pem"
     ecdsa.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))

@@ -164,7 +164,7 @@ def test_a_resumed_distillation_ends_exactly_where_an_uninterrupted_one_does(fin
 
 
 def test_export_sign_signs_every_bundle_and_a_device_given_the_key_refuses_any_other(finished_run, tmp_path, capsys):
-    from bundle.signing import verify_bundle
+    from bundle.format import verify_signature
     from tests.helpers import key_pair
 
     run_dir = copy_run(finished_run, tmp_path)
@@ -175,7 +175,7 @@ def test_export_sign_signs_every_bundle_and_a_device_given_the_key_refuses_any_o
     assert "missing.pem: cannot read the private key" in capsys.readouterr().err
     assert main([*args, "--sign", str(private)]) == 0
     for folder in ("export", "export_mp"):
-        verify_bundle(run_dir / folder, public)
+        verify_signature(run_dir / folder, public)
     credentials = tmp_path / "device_0.json"
     credentials.write_text(json.dumps({"username": "u", "password": "p"}))
     device = [sys.executable, "-m", "serve", "serve", "device", "--bundle", str(run_dir / "export"), "--index", "0",
