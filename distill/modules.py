@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
@@ -12,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from distill.losses import DistillBatch, build_losses
 from distill.pool import TeacherTargets
 from students.networks import FeatureClassifier
+from students.separable import ExchangePolicy, SeparableNet
 from students.unified import UnifiedStudent
 
 PLAN_KEY = "method_plan"  # the checkpoint entry that holds what the weights were trained on
@@ -168,14 +170,14 @@ class LogitLossModule(DistillModule):
                  teacher: FeatureClassifier | None, channels_last: bool = True) -> None:
         super().__init__(model, plan, optim_cfg, num_classes, teacher, channels_last, losses)
 
-    def loss_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_logits(self, x: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
         """The logits the losses read, by the name they are logged under."""
         return {"combined": self.model(x)}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, t = self.unpack(batch)
         teacher_logits = None if t is None else t.logits
-        named = self.loss_logits(x)
+        named = self.loss_logits(x, batch_idx)
         total = x.new_zeros((), dtype=torch.float32)
         for name, logits in named.items():
             b = DistillBatch(logits, teacher_logits, (), None, (), y, self.progress(batch_idx))
@@ -185,6 +187,30 @@ class LogitLossModule(DistillModule):
             total = total + loss
         self.log("train/loss", total, prog_bar=True)
         return total
+
+
+class SeparableModule(LogitLossModule):
+    """A separable network (SepNN's branches) trained on its combined logits. With ``plan["policy"]`` it
+    trains that exchange policy, dropping each exchange with probability ``exchange_dropout`` so that a
+    late or lost peer costs little; without one it trains the weight-sharing supernet: a random policy
+    each step (``ExchangePolicy.sample``), so that any policy can then be ranked on validation."""
+
+    def __init__(self, model: SeparableNet, plan: dict, losses: dict, optim_cfg: dict, num_classes: int,
+                 teacher: FeatureClassifier | None, channels_last: bool = True) -> None:
+        super().__init__(model, plan, losses, optim_cfg, num_classes, teacher, channels_last)
+        policy = plan.get("policy")
+        self.fixed = None if policy is None else ExchangePolicy.from_dict(policy, model.num_points, model.num_devices)
+        self.exchange_dropout = float(plan.get("exchange_dropout", 0.0))
+        # what validation (and so the best checkpoint) measures: the trained policy, or the supernet exchanging
+        # everywhere
+        model.policy = self.fixed or ExchangePolicy.everywhere(model.num_points, model.num_devices)
+
+    def loss_logits(self, x: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
+        rng = random.Random(self.step_generator(batch_idx).initial_seed())
+        net = self.model
+        policy = self.fixed or ExchangePolicy.sample(rng, net.num_points, net.num_devices)
+        dropped = [p for p in policy.exchanges if rng.random() < self.exchange_dropout]
+        return {"combined": net(x, policy=policy, dropped=dropped)}
 
 
 class NoNNModule(DistillModule):

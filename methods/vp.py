@@ -61,7 +61,7 @@ class TopKSum(Combiner):
 class VariantModule(LogitLossModule):
     """Every variant is a whole classifier: the losses read each one's own logits."""
 
-    def loss_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_logits(self, x: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
         return {f"variant_{i}": device.logits(x) for i, device in enumerate(self.model.devices)}
 
 

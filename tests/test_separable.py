@@ -1,0 +1,107 @@
+"""Separable networks (SepNN's branches): what an exchange does, what a missing message does, what it costs."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from students.separable import Exchange, ExchangePolicy, SeparableNet, average_in, pareto_front, rank_policies
+
+
+@pytest.fixture(scope="module")
+def net() -> SeparableNet:
+    torch.manual_seed(0)
+    return SeparableNet(2, 10, 1, 1, 4, [0.5], [0.25]).eval()
+
+
+def test_an_exchange_averages_the_first_channels_and_a_missing_message_changes_nothing():
+    own, peer = torch.arange(8.0).reshape(1, 4, 1, 2), torch.zeros(1, 4, 1, 2)
+    mixed = average_in(own, peer, 0.5)  # ceil(0.5 * 4) = 2 channels
+    assert torch.equal(mixed[:, :2], own[:, :2] / 2) and torch.equal(mixed[:, 2:], own[:, 2:])
+    assert torch.equal(average_in(own, peer, 0.5, peer_missing=True), own)
+    assert Exchange((1, 0), 0.5625).channels(16) == 9 and Exchange((1, 0), 0.01).channels(16) == 1
+
+
+def test_without_exchanges_the_branches_are_independent_and_with_one_they_are_not(net):
+    x = torch.rand(2, 1, 16, 16)
+    point1 = ExchangePolicy({1: Exchange((1, 0), 0.5)})
+    before = {name: [v.clone() for v in net.vectors(x, policy=p)] for name, p in
+              (("none", ExchangePolicy()), ("point1", point1))}
+    with torch.no_grad():
+        net.stages[0][0][0].weight.mul_(2)  # change device 0's first stage only
+    try:
+        after = {name: net.vectors(x, policy=p) for name, p in (("none", ExchangePolicy()), ("point1", point1))}
+    finally:
+        with torch.no_grad():
+            net.stages[0][0][0].weight.div_(2)
+    assert torch.equal(before["none"][1], after["none"][1]), "no exchange: device 1 never sees device 0"
+    assert not torch.allclose(before["point1"][1], after["point1"][1]), "an exchange carries device 0's map"
+
+
+def test_dropped_points_and_a_missing_device_leave_the_others_as_if_nobody_sent(net):
+    x = torch.rand(2, 1, 16, 16)
+    everywhere = ExchangePolicy.everywhere(net.num_points, 2)
+    alone = net.vectors(x, policy=ExchangePolicy())
+    assert all(torch.equal(a, b) for a, b in zip(alone, net.vectors(x, policy=everywhere, dropped=[0, 1])))
+    down = net.vectors(x, missing=[0], policy=everywhere)
+    assert torch.equal(down[1], alone[1]) and torch.equal(down[0], torch.zeros_like(down[0]))
+
+
+def test_exchange_bytes_follow_the_maps_shapes(net):
+    assert net.point_shapes((1, 16, 16)) == [(16, 16, 16), (32, 8, 8)]
+    policy = ExchangePolicy({1: Exchange((1, 0), 0.5), 0: Exchange((1, 0), 1.0)})
+    # 2 devices x (16 ch x 16 x 16 + 16 of 32 ch x 8 x 8) x 4 bytes
+    assert net.exchange_bytes(policy, (1, 16, 16)) == 2 * (16 * 256 + 16 * 64) * 4
+    assert net.exchange_bytes(policy, (1, 16, 16), itemsize=2) == 2 * (16 * 256 + 16 * 64) * 2
+    assert net.exchange_bytes(ExchangePolicy(), (1, 16, 16)) == 0
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"5": {"route": [1, 0], "fraction": 0.5}}, "exchange point 5: the branches have points 0..1"),
+    ({"0": {"route": [0, 1], "fraction": 0.5}}, "route \\[0, 1\\] must give each of the 2 devices one other"),
+    ({"1": {"route": [1, 0], "fraction": 0}}, "fraction 0.0 must be in \\(0, 1\\]"),
+])
+def test_a_policy_by_hand_is_checked(spec, message):
+    with pytest.raises(ValueError, match=message):
+        ExchangePolicy.from_dict(spec, 2, 2)
+
+
+def test_a_policy_round_trips_and_sampled_routes_never_send_a_device_its_own_map():
+    rng = random.Random(0)
+    for _ in range(50):
+        policy = ExchangePolicy.sample(rng, 5, 3)
+        assert ExchangePolicy.from_dict(policy.to_dict(), 5, 3) == policy
+        assert all(r != j for e in policy.exchanges.values() for j, r in enumerate(e.route))
+
+
+def test_pareto_front_keeps_only_rows_nothing_beats_on_both_counts():
+    rows = [{"exchange_bytes": b, "accuracy": a, "name": n} for n, b, a in
+            (("none", 0, 0.80), ("cheap", 100, 0.85), ("worse", 200, 0.84), ("best", 300, 0.90), ("tie", 300, 0.88),
+             ("same", 400, 0.90))]
+    assert [r["name"] for r in pareto_front(rows)] == ["none", "cheap", "best"]
+
+
+def test_the_supernet_trains_on_random_policies_and_every_policy_can_then_be_ranked(tmp_path):
+    """A real Lightning fit of the weight-sharing supernet on generated images, then the search's ranking
+    on held-out images: accuracies well above chance for the policies, bytes as the maps say."""
+    import pytorch_lightning as pl
+
+    from distill.modules import SeparableModule
+    from imagedata.datasets import make_synthetic
+
+    raw = make_synthetic(train_size=384, test_size=128, image_size=16, channels=1, num_classes=4, seed=0)
+    x, y = raw.train_images.float() / 255, raw.train_labels
+    torch.manual_seed(0)
+    net = SeparableNet(2, 10, 1, 1, 4, [0.5], [0.25])
+    optim = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True, "schedule": "cosine"}
+    module = SeparableModule(net, {}, {"ce": {}}, optim, 4, None, channels_last=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True)
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(module, loader)
+    policies = [ExchangePolicy(), ExchangePolicy({1: Exchange((1, 0), 0.5)}), ExchangePolicy.everywhere(2, 2)]
+    rows = rank_policies(net, raw.test_images.float() / 255, raw.test_labels, policies)
+    assert [r["exchange_bytes"] for r in rows] == [0, 2 * 16 * 64 * 4, 2 * (16 * 256 + 32 * 64) * 4]
+    assert all(r["accuracy"] > 0.5 for r in rows), rows  # chance: 0.25
+    assert net.policy == ExchangePolicy.everywhere(2, 2), "the supernet validates exchanging everywhere"
