@@ -62,6 +62,15 @@ def pool_key(teacher_sha256: str, images: torch.Tensor, labels: torch.Tensor, fi
             "filters": filters, "views": views, "crop_padding": padding, "hflip": hflip, "seed": seed}
 
 
+def pool_folder(run_dir: Path, shared: str | Path | None, key: dict) -> Path:
+    """Where a run's pool lives: ``<run>/teacher_pool``, or in a shared folder one per key, so that
+    runs whose pools would be identical (another seed, a row with the same teacher outputs) build it once."""
+    if shared is None:
+        return run_dir / "teacher_pool"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(shared).expanduser() / f"pool-{digest}"
+
+
 @dataclass
 class TeacherPool:
     folder: Path

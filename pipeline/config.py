@@ -108,6 +108,8 @@ DEFAULTS: dict[str, Any] = {
         "teacher_pool": {            # the teacher's outputs computed once for V stored views per training image
             "views": 0,              # V; 0 = off (the teacher runs on every step); see distill/pool.py
             "seed": 0,               # seeds the stored views (not the run's seed: every seed can share one pool)
+            "dir": None,             # a folder runs share: each pool in <dir>/<key digest>/, reused by every run
+                                     # with the same key (seeds, rows); default: <run>/teacher_pool
         },
     },
     "export": {

@@ -17,7 +17,7 @@ import torch
 from bundle.signing import sign_bundle
 from core.io import sha256_file
 from distill.modules import DistillModule, TeacherModule
-from distill.pool import pool_key, prepare_pool, wait_for_pool
+from distill.pool import pool_folder, pool_key, prepare_pool, wait_for_pool
 from distill.ranks import is_worker, sync_processes
 from distill.tracking import Tracker
 from imagedata.data import ImageDataModule
@@ -136,21 +136,22 @@ def stage_distill(ctx: Context, tracker: Tracker) -> dict:
 
 def attach_teacher_pool(ctx: Context, dm: ImageDataModule, module: DistillModule, teacher_sha256: str) -> dict:
     """With ``distill.teacher_pool.views`` > 0 and a loss that reads the teacher, make training read the
-    teacher's stored outputs (built or reused in ``<run>/teacher_pool``); returns what the record keeps."""
+    teacher's stored outputs (built or reused in ``<run>/teacher_pool``, or in the shared
+    ``distill.teacher_pool.dir``); returns what the record keeps."""
     pcfg, data = ctx.config["distill"]["teacher_pool"], ctx.config["data"]
     if not pcfg["views"] or module.teacher is None:
         return {"teacher_pool": None}
     start = time.perf_counter()
     key = pool_key(teacher_sha256, *dm.train, module.pool_filters(), pcfg["views"], data["crop_padding"],
                    data["hflip"], pcfg["seed"])
-    folder = ctx.run_dir / "teacher_pool"
+    folder = pool_folder(ctx.run_dir, pcfg["dir"], key)
     if is_worker():  # rank 0 builds; the data-parallel workers read what it wrote
         pool = wait_for_pool(folder, key)
     else:
         pool = prepare_pool(folder, key, module.teacher, dm.train[0], data["eval_batch_size"],
                             ctx.config["trainer"]["channels_last"], ctx.progress)
     dm.use_pool(pool)
-    return {"teacher_pool": {"views": pool.views, "bytes": pool.nbytes(),
+    return {"teacher_pool": {"views": pool.views, "bytes": pool.nbytes(), "folder": str(folder),
                              "maps": pool.maps is not None, "seconds": round(time.perf_counter() - start, 1)}}
 
 

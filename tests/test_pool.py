@@ -199,3 +199,26 @@ def test_pool_views_must_not_be_negative(tmp_path: Path, capsys):
     assert main(["distill", "--config", str(TINY), "--run-dir", str(tmp_path / "r"),
                  "--distill.teacher_pool.views", "-1"]) != 0
     assert "distill.teacher_pool.views = -1: must be 0 or more" in capsys.readouterr().err
+
+
+def test_runs_that_share_a_pool_folder_build_each_pool_once(tmp_path: Path, capsys):
+    """Two seeds of a KD row read the same teacher outputs (the pool's key leaves the run's seed out):
+    with distill.teacher_pool.dir the second run reuses the first one's pool instead of building its own."""
+    shared = tmp_path / "pools"
+    assert main(["teacher", "--config", str(TINY), "--run-dir", str(tmp_path / "teacher"), "--teacher.epochs", "1"]) == 0
+    common = ["--config", str(TINY), "--method", "single", "--distill.losses", "{kd: {}}",
+              "--distill.teacher_pool.views", "2", "--distill.teacher_pool.dir", str(shared), "--distill.epochs", "1",
+              "--teacher.checkpoint", str(tmp_path / "teacher" / "teacher" / "best.ckpt")]
+    folders = []
+    for seed in (0, 1):
+        run = ["--run-dir", str(tmp_path / f"kd{seed}"), "--seed", str(seed)]
+        assert main(["partition", *common, *run]) == 0  # records that the single student uses none
+        capsys.readouterr()
+        assert main(["distill", *common, *run]) == 0
+        out = capsys.readouterr().out
+        assert f"teacher pool: {'reusing' if seed else 'building'} {shared}" in out, out
+        record = json.loads((tmp_path / f"kd{seed}" / "stages" / "distill.json").read_text())["results"]
+        folders.append(record["teacher_pool"]["folder"])
+    assert folders[0] == folders[1] and Path(folders[0]).parent == shared
+    assert [p.name for p in shared.iterdir()] == [Path(folders[0]).name], "one pool, no build folder left"
+    assert not (tmp_path / "kd0" / "teacher_pool").exists()
