@@ -269,6 +269,15 @@ def _fleet_and_rogue(broker, fleet: Fleet) -> tuple[Source, mqtt.Client]:
     return source, rogue
 
 
+def _watched_source(broker, fleet: Fleet) -> Source:
+    """The fleet's processes started and ready, and a source that checks their health while it waits (as
+    deploy's does)."""
+    source, rogue = _fleet_and_rogue(broker, fleet)
+    rogue.disconnect()
+    source.health = fleet.check_alive
+    return source
+
+
 def _stats_once_aggregator_dropped(source: Source, reason: str, count: int, timeout_s: float = 10.0) -> dict:
     """Every process's stats, once the aggregator has dropped ``count`` messages for ``reason``."""
     deadline = time.monotonic() + timeout_s
@@ -575,30 +584,38 @@ def test_sigterm_stops_deploy_and_every_process_it_started(bundle: Path, tmp_pat
     assert _processes_naming(run, proc.pid) == []
 
 
-def test_a_broker_restart_is_survived_subscriptions_and_all(bundle: Path, tmp_path: Path):
-    """The broker goes away and comes back on the same port: every process reconnects by itself,
-    subscribes again and says ready again, and the next requests are answered by all devices."""
+def _private_broker(bundle: Path, folder: Path) -> tuple[Broker, dict[str, Path], str, subprocess.Popen]:
+    """A broker of the test's own (one it kills or restarts): server, credential files, bundle id, process."""
     users = Users.of(read_manifest(bundle)[1])
     port = free_port()
-    files = write_broker_files(tmp_path / "broker", [users], port)
+    files = write_broker_files(folder, [users], port)
     credentials = {name: files[f"{users.bundle_id}/{name}"] for name in users.accounts()}
-    server = Broker("127.0.0.1", port)
-    process = start_broker(tmp_path / "broker", port)
+    return Broker("127.0.0.1", port), credentials, users.bundle_id, start_broker(folder, port)
+
+
+def _ready_source(server: Broker, credentials: dict[str, Path], bundle_id: str, since: float) -> Source:
+    """A source, once every process has said ready since ``since`` (time.perf_counter())."""
+    source = Source(server, read_credentials(credentials[SOURCE]), bundle_id, len(CLASSES), Link())
+    source.wait_ready(NAMES, since, timeout_s=30.0)
+    return source
+
+
+def test_a_broker_restart_is_survived_subscriptions_and_all(bundle: Path, tmp_path: Path):
+    """The broker goes away and comes back on the same port: every process reconnects by itself,
+    subscribes again and says ready again (within 30 s; the reconnect backoff caps at 5 s), and the next
+    requests are answered by all devices."""
+    server, credentials, bundle_id, process = _private_broker(bundle, tmp_path / "broker")
     fleet = Fleet(bundle.resolve(), server, credentials, 1000.0, Link(), tmp_path)
     try:
         started = time.perf_counter()
         for name in NAMES:
             fleet.start(name)
-        source = Source(server, read_credentials(credentials[SOURCE]), users.bundle_id, len(CLASSES), Link())
-        source.wait_ready(NAMES, started)
-        source.close()
+        _ready_source(server, credentials, bundle_id, started).close()
         process.terminate()
         process.wait(timeout=10)
         time.sleep(1.0)  # every process has lost its connection
-        process = start_broker(tmp_path / "broker", port)
-        restarted = time.perf_counter()
-        source = Source(server, read_credentials(credentials[SOURCE]), users.bundle_id, len(CLASSES), Link())
-        source.wait_ready(NAMES, restarted, timeout_s=30.0)
+        process = start_broker(tmp_path / "broker", server.port)
+        source = _ready_source(server, credentials, bundle_id, time.perf_counter())
         pixels = (images(4, seed=7).numpy() * 255).astype(np.uint8)
         answers = [source.wait(source.send(p[None]), 10.0) for p in pixels]
         stats = source.collect_stats(NAMES)
@@ -616,11 +633,7 @@ def test_a_broker_restart_is_survived_subscriptions_and_all(bundle: Path, tmp_pa
 
 
 def test_a_broker_that_dies_mid_stream_is_named_at_once(bundle: Path, tmp_path: Path):
-    users = Users.of(read_manifest(bundle)[1])
-    port = free_port()
-    files = write_broker_files(tmp_path / "broker", [users], port)
-    credentials = {name: files[f"{users.bundle_id}/{name}"] for name in users.accounts()}
-    server, process = Broker("127.0.0.1", port), start_broker(tmp_path / "broker", port)
+    server, credentials, bundle_id, process = _private_broker(bundle, tmp_path / "broker")
     (tmp_path / "logs").mkdir()
     fleet = Fleet(bundle.resolve(), server, credentials, 50.0, Link(), tmp_path / "logs", process)
     source = None
@@ -628,8 +641,7 @@ def test_a_broker_that_dies_mid_stream_is_named_at_once(bundle: Path, tmp_path: 
         started = time.perf_counter()
         for name in NAMES:
             fleet.start(name)
-        source = Source(server, read_credentials(credentials[SOURCE]), users.bundle_id, len(CLASSES), Link())
-        source.wait_ready(NAMES, started)
+        source = _ready_source(server, credentials, bundle_id, started)
         source.health = fleet.check_alive
         process.kill()
         process.wait()
@@ -646,9 +658,7 @@ def test_a_broker_that_dies_mid_stream_is_named_at_once(bundle: Path, tmp_path: 
 def test_a_process_that_dies_mid_stream_is_named_at_once(bundle: Path, broker, fleet: Fleet):
     """The aggregator SIGKILLed mid-stream: deploy's next wait raises naming it, instead of every request
     waiting out its timeout and the stats wait blaming the wrong cause."""
-    source, rogue = _fleet_and_rogue(broker, fleet)
-    rogue.disconnect()
-    source.health = fleet.check_alive
+    source = _watched_source(broker, fleet)
     pixels = (images(3, seed=8).numpy() * 255).astype(np.uint8)
     try:
         assert stream_sequential(source, pixels[:1], 5.0, "before", False)[0][1] is not None
@@ -668,9 +678,7 @@ def test_a_bundle_exported_again_mid_stream_ends_the_run_saying_so(bundle: Path,
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     fleet = Fleet(copy.resolve(), broker[0], broker[1], 50.0, Link(), tmp_path)
-    source, rogue = _fleet_and_rogue(broker, fleet)
-    rogue.disconnect()
-    source.health = fleet.check_alive
+    source = _watched_source(broker, fleet)
     pixels = (images(2, seed=10).numpy() * 255).astype(np.uint8)
     try:
         assert stream_sequential(source, pixels[:1], 5.0, "before", False)[0][1] is not None
