@@ -4,6 +4,7 @@ date only when its fingerprint matches and every output it recorded is on disk u
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -25,8 +26,19 @@ CONFIG_PARTS = {  # what each stage reads from the config (besides its upstream 
 }
 
 
+# keys that say where a stage keeps a by-product, not what it computes: changing one never makes a stage out of date
+PLACES = ("distill.teacher_pool.dir",)
+
+
 def fingerprint(ctx: Context, stage: str) -> str:
-    parts = {key: select(ctx.config, key) for key in CONFIG_PARTS[stage]}
+    parts = copy.deepcopy({key: select(ctx.config, key) for key in CONFIG_PARTS[stage]})
+    for dotted in PLACES:
+        *path, last = dotted.split(".")
+        node = parts
+        for key in path:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
     parts["trainer_limits"] = {k: ctx.config["trainer"][k] for k in ("limit_train_batches", "limit_val_batches")}
     upstream = UPSTREAM[stage]
     if upstream is not None:

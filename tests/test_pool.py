@@ -222,3 +222,16 @@ def test_runs_that_share_a_pool_folder_build_each_pool_once(tmp_path: Path, caps
     assert folders[0] == folders[1] and Path(folders[0]).parent == shared
     assert [p.name for p in shared.iterdir()] == [Path(folders[0]).name], "one pool, no build folder left"
     assert not (tmp_path / "kd0" / "teacher_pool").exists()
+
+
+def test_moving_the_shared_pool_folder_leaves_the_distill_stage_up_to_date(tmp_path: Path):
+    """distill.teacher_pool.dir says where the pool is kept, not what is trained."""
+    from pipeline.config import load_config
+    from pipeline.context import Context
+    from pipeline.records import fingerprint
+
+    here, there = (Context(load_config(TINY, ["--distill.teacher_pool.dir", str(tmp_path / d)]), tmp_path / "run")
+                   for d in ("a", "b"))
+    assert fingerprint(here, "distill") == fingerprint(there, "distill")
+    other = Context(load_config(TINY, ["--distill.teacher_pool.views", "2"]), tmp_path / "run")
+    assert fingerprint(here, "distill") != fingerprint(other, "distill")
