@@ -293,7 +293,7 @@ def method_table(spec: dict, table: str) -> list[str]:
         r0 = rs[0]
         teacher = teacher or r0["teacher"]
         devices = r0["devices"]
-        downs = [down_cell([failure_mean(r["failures"], n) for r in rs], n, len(rs[0]["devices"])) for n in (1, 2)]
+        downs = [down_cell([failure_mean(r["failures"], n) for r in rs], n, len(devices)) for n in (1, 2)]
         lines.append(f"| {r0['label']} | {pct([r['test_acc'] for r in rs])} | {len(rs)} | "
                      f"{pct([r['distill']['best_val_acc'] for r in rs])} | {max(d['params'] for d in devices):,} | "
                      f"{max(d['macs'] for d in devices) / 1e6:.2f} M | "

@@ -192,10 +192,6 @@ def _measure_here(path: str) -> dict:
     return {"loaded": loaded, "load_peak": load_peak, "peak": counter.heapcount_peak() - base}
 
 
-if __name__ == "__main__":
-    print(json.dumps(_measure_here(sys.argv[1])))
-
-
 def estimate_entry(path: Path, key: str) -> dict:
     """``{key: peak_memory(path)}``, or ``{key + "_error": why}`` when the graph defeats the estimate: a
     missing estimate never fails the export or the report that asks for it."""
@@ -203,3 +199,7 @@ def estimate_entry(path: Path, key: str) -> dict:
         return {key: peak_memory(path)}
     except ValueError as e:
         return {f"{key}_error": str(e).replace(str(path.parent.parent) + "/", "")}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_measure_here(sys.argv[1])))

@@ -129,11 +129,12 @@ class DistillModule(_SupervisedModule):
             return 0.0
         return (trainer.current_epoch + batch_idx / batches) / trainer.max_epochs
 
-    def step_generator(self, batch_idx: int) -> torch.Generator:
-        """Random draws of one training step, fixed by the run's seed, the epoch and the step: a run resumed
-        from a checkpoint draws what the uninterrupted run drew (the global generator is not checkpointed)."""
+    def step_seed(self, batch_idx: int) -> int:
+        """The seed of one training step's random draws, fixed by the run's seed, the epoch and the step: a
+        run resumed from a checkpoint draws what the uninterrupted run drew (the global generator is not
+        checkpointed)."""
         epoch = self._trainer.current_epoch if self._trainer is not None else 0
-        return torch.Generator().manual_seed(torch.initial_seed() * 1_000_003 + epoch * 100_003 + batch_idx)
+        return torch.initial_seed() * 1_000_003 + epoch * 100_003 + batch_idx
 
     def unpack(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, TeacherTargets | None]:
         """A training batch (``x, y`` or, from the pool, ``x, y, targets``) as images in the module's memory
@@ -206,7 +207,7 @@ class SeparableModule(LogitLossModule):
         model.policy = self.fixed or ExchangePolicy.everywhere(model.num_points, model.num_devices)
 
     def loss_logits(self, x: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
-        rng = random.Random(self.step_generator(batch_idx).initial_seed())
+        rng = random.Random(self.step_seed(batch_idx))
         net = self.model
         policy = self.fixed or ExchangePolicy.sample(rng, net.num_points, net.num_devices)
         dropped = [p for p in policy.exchanges if rng.random() < self.exchange_dropout]
@@ -262,8 +263,8 @@ class NoNNModule(DistillModule):
         maps = self.student.forward_maps(x)
         drop = None
         if self.student_dropout > 0:
-            drop = torch.rand(x.shape[0], self.num_students, generator=self.step_generator(batch_idx)) \
-                .to(x.device) < self.student_dropout
+            g = torch.Generator().manual_seed(self.step_seed(batch_idx))
+            drop = torch.rand(x.shape[0], self.num_students, generator=g).to(x.device) < self.student_dropout
         logits = self.student.logits_from_maps(maps, drop)
         b = DistillBatch(logits, None if t is None else t.logits, maps, None if t is None else t.fmap,
                          self._partitions_in(None if t is None else t.map_filters), y, self.progress(batch_idx))

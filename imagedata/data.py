@@ -159,7 +159,7 @@ class ImageDataModule(pl.LightningDataModule):
         batches = TensorBatches(*self.train, self.cfg["batch_size"], sampling, padding=self.cfg["crop_padding"],
                                 hflip=self.cfg["hflip"], pool=self.pool)
         if len(batches) == 0:  # an epoch of no steps would train nothing and save no checkpoint
-            per_process = len(self.train[1]) // sampling.world
+            per_process = batches._shard_size()
             raise ValueError(f"data.batch_size = {self.cfg['batch_size']} is more than the {per_process} training "
                              f"images each training process reads; choose at most {per_process}")
         return batches

@@ -72,9 +72,10 @@ def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.n
         sections = {}
         for path, manifest in manifests.items():
             u = users[path]
-            fleet = Fleet(path.resolve(), broker, {n: credentials[f"{u.bundle_id}/{n}"] for n in u.names()},
-                          options.deadline_ms, options.link, work / "logs" / u.bundle_id, broker_process)
-            sections[path] = measure_bundle(path, manifest, fleet, credentials[f"{u.bundle_id}/{SOURCE}"], images, labels, options)
+            files = u.own(credentials)
+            fleet = Fleet(path.resolve(), broker, files, options.deadline_ms, options.link, work / "logs" / u.bundle_id,
+                          broker_process)
+            sections[path] = measure_bundle(path, manifest, fleet, files[SOURCE], images, labels, options)
     finally:
         if broker_process is not None:
             broker_process.terminate()

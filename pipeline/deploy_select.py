@@ -141,11 +141,11 @@ def run_select(run_dirs: list[Path], out_dir: Path, images: np.ndarray, labels: 
     try:
         for c, u in zip(candidates, users):
             files = {device_name(i): links / f"{device_name(i)}.json" for i in range(u.num_devices)}
-            c.fleet = Fleet(c.bundle_dir, broker, {n: credentials[f"{u.bundle_id}/{n}"] for n in u.names()},
+            c.fleet = Fleet(c.bundle_dir, broker, u.own(credentials),
                             ANSWER_TIMEOUT_S * 1000.0, options.link, work / "logs" / u.bundle_id, broker_process,
                             files)
             c.fleet.log_dir.mkdir(parents=True, exist_ok=True)
-            c.source = Source(broker, read_credentials(credentials[f"{u.bundle_id}/{SOURCE}"]), u.bundle_id,
+            c.source = Source(broker, read_credentials(u.own(credentials)[SOURCE]), u.bundle_id,
                               c.manifest["num_classes"], options.link.for_role("source"))
             c.source.health = c.fleet.check_alive
             started = time.perf_counter()

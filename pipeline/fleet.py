@@ -228,5 +228,5 @@ def open_broker(url: str | None, ca_file: str | None, credentials_dir: Path | No
         return Broker("127.0.0.1", port), credentials, start_broker(folder, port)
     if credentials_dir is None:
         raise ValueError("--broker needs --credentials-dir (the credentials/ folder 'nonn serve broker' wrote)")
-    credentials = {f"{u.bundle_id}/{n}": credentials_dir / u.bundle_id / f"{n}.json" for u in users for n in u.accounts()}
+    credentials = {u.key(n): credentials_dir / f"{u.key(n)}.json" for u in users for n in u.accounts()}
     return Broker.parse(url, ca_file), credentials, None

@@ -74,6 +74,14 @@ class Users:
     def username(self, name: str) -> str:
         return f"{self.bundle_id}.{name}"
 
+    def key(self, name: str) -> str:
+        """How ``write_broker_files`` names an account's credential file: ``<bundle-id>/<name>``."""
+        return f"{self.bundle_id}/{name}"
+
+    def own(self, credentials: dict[str, Path]) -> dict[str, Path]:
+        """This bundle's credential files, by account name, out of a broker's (several bundles may share one)."""
+        return {name: credentials[self.key(name)] for name in self.accounts()}
+
 
 def _acl(users: Users) -> list[str]:
     def t(*parts: object) -> str:
@@ -103,7 +111,7 @@ def write_broker_files(folder: str | Path, bundles: Sequence[Users], port: int, 
     """
     folder = Path(folder).resolve()
     credentials, lines, acl = {}, [], []
-    accounts = [(f"{u.bundle_id}/{name}", u.username(name)) for u in bundles for name in u.accounts()]
+    accounts = [(u.key(name), u.username(name)) for u in bundles for name in u.accounts()]
     for key, username in accounts:
         password = secrets.token_urlsafe(18)
         path = folder / "credentials" / f"{key}.json"

@@ -68,7 +68,7 @@ def broker(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("broker")
     port = free_port()
     files = write_broker_files(folder, [users], port)
-    credentials = {name: files[f"{users.bundle_id}/{name}"] for name in users.accounts()}
+    credentials = users.own(files)
     credentials["rogue"] = _add_rogue_account(folder, users)
     process = start_broker(folder, port)
     yield Broker("127.0.0.1", port), credentials, users.bundle_id
@@ -589,7 +589,7 @@ def _private_broker(bundle: Path, folder: Path) -> tuple[Broker, dict[str, Path]
     users = Users.of(read_manifest(bundle)[1])
     port = free_port()
     files = write_broker_files(folder, [users], port)
-    credentials = {name: files[f"{users.bundle_id}/{name}"] for name in users.accounts()}
+    credentials = users.own(files)
     return Broker("127.0.0.1", port), credentials, users.bundle_id, start_broker(folder, port)
 
 
