@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from bundle.format import FORMAT, SCHEMA_VERSION, TRANSPORTS, manifest_digest
-from bundle.memory import estimate_entry
+from bundle.memory import estimate_entry, staged_peak
 from core.io import restore_interrupted_swap, sha256_file, swap_in, write_json_atomic
 from students.complexity import count_macs, count_params, weight_bytes
-from students.split import Combiner, CombineRule, GatherModel
+from students.split import Combiner, CombineRule, GatherModel, average_channels
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
 _VERIFY_TOLERANCE = {"float32": (1e-3, 1e-4), "float16": (2e-3, 2e-3), "uint8": (0.0, 1.0)}  # (rtol, atol)
@@ -156,6 +156,92 @@ def export_chain(segments: Sequence[nn.Module], out_dir: Path, *, image_shape: t
         manifest["manifest_sha256"] = manifest_digest(manifest)
         write_json_atomic(tmp / "manifest.json", manifest)
     return manifest
+
+
+def export_staged(stages: Sequence[Sequence[nn.Module]], exchanges: Sequence[dict], aggregator: Combiner,
+                  out_dir: Path, *, image_shape: tuple[int, int, int], class_names: list[str],
+                  calibration_images: torch.Tensor, form: ExportFormat = ExportFormat(),
+                  device_entries: Sequence[dict] | None = None, extra: dict | None = None) -> dict:
+    """Export devices that run in stages and exchange channels between them (SepNN) as a staged bundle.
+
+    ``stages[i]``: device i's modules in order (the first takes the image, the last returns its vector);
+    ``exchanges``: ``{"after_stage", "route", "channels"}``, after which device j averages in the first
+    ``channels`` channels of device ``route[j]``'s map, sent in the transport dtype. Each stage is its
+    own ONNX model (checked against PyTorch on the calibration flow, exchanges included); the last ends
+    in the transport encoding and the aggregator starts with its decoding, as in ``export_bundle``.
+    """
+    dtype = form.transport
+    if dtype not in ("fp32", "fp16"):
+        raise ValueError(f"a staged bundle sends maps mid-network in fp32 or fp16, not {dtype!r}")
+    dtype = TRANSPORTS[dtype]
+    if len({len(s) for s in stages}) != 1 or len(stages) != len(aggregator.widths):
+        raise ValueError(f"{len(stages)} devices with {[len(s) for s in stages]} stages for an aggregator of "
+                         f"{len(aggregator.widths)}: every device needs the same number of stages")
+    _check_calibration(calibration_images, image_shape)
+    device_entries = list(device_entries or [{} for _ in stages])
+    by_stage = {int(e["after_stage"]): e for e in exchanges}
+    devices = [[copy.deepcopy(m).cpu().eval() for m in s] for s in stages]
+    devices = [[*s[:-1], DeviceExport(s[-1], dtype, None).eval()] for s in devices]
+    aggregator = copy.deepcopy(aggregator).cpu().eval()
+    maps = [calibration_images.detach().to("cpu", torch.float32)] * len(devices)
+    with _building(Path(out_dir)) as tmp:
+        entries: list[list[dict]] = [[] for _ in devices]
+        for s in range(len(devices[0])):
+            last = s == len(devices[0]) - 1
+            names = ("images" if s == 0 else "map_in", "features" if last else "map")
+            outputs = []
+            for i, device in enumerate(devices):
+                (tmp / f"device_{i}").mkdir(exist_ok=True)
+                files = _export_part(device[s], tmp, f"device_{i}/stage_{s}", maps[i], names, form.opset,
+                                     form.int8_weights)
+                with torch.no_grad():
+                    y = device[s](maps[i])
+                entries[i].append({**files, "input_shape": list(maps[i].shape[1:]), "output_shape": list(y.shape[1:]),
+                                   "macs": count_macs(device[s], tuple(maps[i].shape[1:]))})
+                outputs.append(y)
+            exchange = by_stage.get(s)
+            if exchange is not None:
+                sent = [y[:, :exchange["channels"]].to(_TORCH_DTYPES[dtype]) for y in outputs]
+                outputs = [average_channels(y, sent[exchange["route"][j]]) for j, y in enumerate(outputs)]
+            maps = outputs
+        features = torch.cat(maps, dim=1)
+        aggregator_entry = _export_aggregator(aggregator, tmp, dtype, None, features, form.opset, form.int8_weights)
+        itemsize = np.dtype(dtype).itemsize
+        message_bytes = [int(np.prod(entries[0][e["after_stage"]]["output_shape"][1:])) * e["channels"] * itemsize
+                         for e in exchanges]
+        manifest = {
+            "schema_version": SCHEMA_VERSION, "format": FORMAT, "topology": "stages",
+            "class_names": list(class_names), "num_classes": len(class_names),
+            "input": _input_spec(image_shape), "transport": _transport_spec(form.transport, dtype, None),
+            "exchanges": [{"after_stage": int(e["after_stage"]), "route": [int(r) for r in e["route"]],
+                           "channels": int(e["channels"]), "bytes": b} for e, b in zip(exchanges, message_bytes)],
+            "devices": [_staged_device(i, modules, parts, device_entries[i], image_shape, dtype, sum(message_bytes))
+                        for i, (modules, parts) in enumerate(zip(stages, entries))],
+            "aggregator": aggregator_entry,
+        }
+        manifest.update(extra or {})
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+        write_json_atomic(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def _staged_device(index: int, modules: Sequence[nn.Module], stages: list[dict],
+                   entries: dict, image_shape: tuple[int, int, int], dtype: str, exchange_bytes: int) -> dict:
+    """A staged device's manifest entry: its stages, and every file of them listed for checking."""
+    width = int(stages[-1]["output_shape"][0])
+    memory = {}  # every stage loaded, one stage's activations at a time; None when a stage's estimate failed
+    for key in ("peak_memory", "peak_memory_int8"):
+        found = [s.get(key) for s in stages]
+        if any(key in s for s in stages):
+            memory[key] = None if None in found else staged_peak(found)
+    return {"name": f"device_{index}", "input": _input_spec(image_shape), **entries, "stages": stages,
+            "files": {f"stage_{s}_{k}": f for s, st in enumerate(stages) for k, f in st["files"].items()},
+            "sha256": {f: h for st in stages for f, h in st["sha256"].items()},
+            **memory,
+            "output_width": width, "output_dtype": dtype,
+            "params": sum(count_params(m) for m in modules), "weight_bytes": sum(weight_bytes(m) for m in modules),
+            "macs": sum(s["macs"] for s in stages),
+            "bytes_sent_per_inference": width * np.dtype(dtype).itemsize + exchange_bytes}
 
 
 def _check_inputs(model: GatherModel, image_shape: tuple[int, int, int], class_names: list[str],

@@ -158,6 +158,51 @@ def is_chain(manifest: dict) -> bool:
     return manifest.get("topology", "parallel") == "chain"
 
 
+def exchanges(manifest: dict) -> dict[int, dict]:
+    """A staged bundle's mid-network messages (SepNN), by the stage they follow: after stage ``s`` device
+    j averages into its map the first ``channels`` channels that device ``route[j]`` sends. A side-by-side
+    or chain bundle has one stage per device and none."""
+    return {int(e["after_stage"]): e for e in manifest.get("exchanges", [])}
+
+
+def reads(manifest: dict, device: int) -> list[tuple]:
+    """The topics (under the bundle's root) device ``device`` reads, first its input: the one description
+    of who talks to whom that the runtime and the broker's ACL both follow. Side by side: the images; in a
+    chain: the previous device's map; staged: the images, then each exchange's peer message."""
+    first = ("dev", device - 1) if is_chain(manifest) and device > 0 else ("input",)
+    return [first, *(("dev", e["route"][device], f"x{s}") for s, e in sorted(exchanges(manifest).items()))]
+
+
+def writes(manifest: dict, device: int) -> list[tuple]:
+    """The topics device ``device`` publishes: its output (vector, map or logits) and its exchange messages."""
+    return [("dev", device), *(("dev", device, f"x{s}") for s in sorted(exchanges(manifest)))]
+
+
+def exchange_message(fmap: np.ndarray, exchange: dict, dtype: np.dtype) -> np.ndarray:
+    """What a device sends at an exchange: the first ``channels`` channels of its map, in the transport dtype."""
+    return np.ascontiguousarray(fmap[:, :exchange["channels"]], dtype=dtype)
+
+
+def average_channels(own: np.ndarray, received: np.ndarray | None) -> np.ndarray:
+    """``own`` with its first channels averaged with a peer's message; unchanged when none arrived (a peer
+    down or late). The numpy twin of ``students.split.average_channels``, which training uses."""
+    if received is None:
+        return own
+    m = received.shape[1]
+    out = own.copy()
+    out[:, :m] = (own[:, :m] + received.astype(np.float32)) / np.float32(2)
+    return out
+
+
+def model_files(part: dict, use_int8: bool = False) -> list[str]:
+    """The ONNX files a part runs, in order: one per stage (a side-by-side or chain device has one), the
+    int8-weight file of each where export wrote one and ``use_int8`` asks for it."""
+    def pick(files: dict) -> str:
+        return files["onnx_int8"] if use_int8 and "onnx_int8" in files else files["onnx"]
+
+    return [pick(stage["files"]) for stage in part["stages"]] if "stages" in part else [pick(part["files"])]
+
+
 def check_missing(missing: Sequence[int], num_devices: int) -> list[int]:
     bad = [i for i in missing if not 0 <= i < num_devices]
     if bad:
@@ -208,16 +253,18 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 5) -> float:
 
 
 class Bundle:
-    """One ONNX Runtime session per device and one for the aggregator; ``predict`` runs them all."""
+    """ONNX Runtime sessions for each device's stages (one, unless the bundle is staged) and one for the
+    aggregator; ``predict`` runs them all, exchanging mid-network messages as the devices do."""
 
-    def __init__(self, root: Path, manifest: dict, device_sessions: list[Any], aggregator_session: Any,
+    def __init__(self, root: Path, manifest: dict, device_stages: list[list[Any]], aggregator_session: Any,
                  model_files: list[str]) -> None:
         self.root = root
         self.manifest = manifest
-        self.device_sessions = device_sessions
+        self.device_stages = device_stages
         self.aggregator_session = aggregator_session
-        self.model_files = model_files  # what each session loaded, devices then aggregator
+        self.model_files = model_files  # what each session loaded: the devices' stages in order, then the aggregator
         self.chain = is_chain(manifest)
+        self.exchanges = exchanges(manifest)
         self.fills = None if self.chain else fill_vectors(manifest)
         self.transport_dtype = np.dtype(manifest["transport"]["dtype"])
 
@@ -232,24 +279,30 @@ class Bundle:
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
-        files = [p["files"]["onnx_int8"] if use_int8 and "onnx_int8" in p["files"] else p["files"]["onnx"]
-                 for p in parts(manifest) if p["files"]]  # a chain has no aggregator model
-        sessions = [ort.InferenceSession(str(root / f), sess_options=options,
-                                         providers=list(providers or ["CPUExecutionProvider"])) for f in files]
-        if is_chain(manifest):
-            return cls(root, manifest, sessions, None, files)
-        return cls(root, manifest, sessions[:-1], sessions[-1], files)
+
+        def session(file: str) -> Any:
+            return ort.InferenceSession(str(root / file), sess_options=options,
+                                        providers=list(providers or ["CPUExecutionProvider"]))
+
+        per_device = [model_files(d, use_int8) for d in manifest["devices"]]
+        aggregator = model_files(manifest["aggregator"], use_int8) if manifest["aggregator"]["files"] else []
+        return cls(root, manifest, [[session(f) for f in files] for files in per_device],
+                   session(aggregator[0]) if aggregator else None, [f for fs in per_device for f in fs] + aggregator)
 
     @property
     def num_devices(self) -> int:
-        return len(self.device_sessions)
+        return len(self.device_stages)
+
+    @property
+    def staged(self) -> bool:
+        """Devices that exchange messages mid-network: a failed device also takes its messages away."""
+        return bool(self.exchanges)
 
     def device_vectors(self, images: np.ndarray) -> list[np.ndarray]:
-        """Each device's transported vector for ``images`` (float32 in [0, 1], [N, C, H, W])."""
+        """Each device's transported vector for ``images`` (float32 in [0, 1], [N, C, H, W]), every device up."""
         if self.chain:
             raise ValueError("a chain bundle's devices feed each other; use predict")
-        images = self._check_images(images)
-        return [self._run_device(i, images) for i in range(self.num_devices)]
+        return self._run_devices(self._check_images(images), [])
 
     def aggregate(self, vectors: Sequence[np.ndarray | None], batch_size: int | None = None) -> np.ndarray:
         """Logits from the devices' vectors; None marks a failed device, replaced by its training mean.
@@ -265,18 +318,18 @@ class Bundle:
         return self.aggregator_session.run(None, {"features": aggregator_input(self.fills, checked, n)})[0]
 
     def predict(self, images: np.ndarray, missing: Sequence[int] = ()) -> np.ndarray:
-        """Logits as the deployed system computes them; devices in ``missing`` are not run (simulated failure)."""
+        """Logits as the deployed system computes them; devices in ``missing`` are not run (simulated failure):
+        their vectors are filled in, and in a staged bundle their peers get no message from them."""
         images = self._check_images(images)
         skip = check_missing(missing, self.num_devices)
         if self.chain:
             if skip:
                 raise ValueError(f"devices {skip} missing: a chain bundle (model parallelism) needs every device")
             x = images
-            for session in self.device_sessions:
+            for [session] in self.device_stages:
                 x = session.run(None, {session.get_inputs()[0].name: x})[0]
             return x
-        vectors = [None if i in skip else self._run_device(i, images) for i in range(self.num_devices)]
-        return self.aggregate(vectors, batch_size=len(images))
+        return self.aggregate(self._run_devices(images, skip), batch_size=len(images))
 
     def predict_batches(self, images: np.ndarray, batch_size: int = 256, missing: Sequence[int] = ()) -> np.ndarray:
         """``predict`` over a large array in chunks, to bound memory."""
@@ -284,19 +337,34 @@ class Bundle:
         return np.concatenate(chunks) if chunks else np.zeros((0, self.manifest["num_classes"]), np.float32)
 
     def device_latency_ms(self, image: np.ndarray, repeats: int = 30) -> list[float]:
-        """Median time of each device's model on one image (batch 1), in ms on this machine; in a chain each
-        device gets its predecessor's output."""
+        """Median time of each device's models on one image (batch 1), in ms on this machine, its stages
+        summed (with its own map between them); in a chain each device gets its predecessor's output."""
         x = self._check_images(image[None])
         times = []
-        for session in self.device_sessions:
-            feed = {session.get_inputs()[0].name: x}
-            times.append(median_ms(lambda s=session, f=feed: s.run(None, f), repeats))
+        for stages in self.device_stages:
+            total, y = 0.0, x
+            for session in stages:
+                feed = {session.get_inputs()[0].name: y}
+                total += median_ms(lambda s=session, f=feed: s.run(None, f), repeats)
+                y = session.run(None, feed)[0]
+            times.append(total)
             if self.chain:
-                x = session.run(None, feed)[0]
+                x = y
         return times
 
-    def _run_device(self, i: int, images: np.ndarray) -> np.ndarray:
-        return self.device_sessions[i].run(None, {"images": images})[0]
+    def _run_devices(self, images: np.ndarray, skip: Sequence[int]) -> list[np.ndarray | None]:
+        """Every device's vector (None for those in ``skip``), stage by stage: after stage s each device
+        averages in its peer's message where the bundle exchanges (``average_channels``), as the runtime does."""
+        maps: list[np.ndarray | None] = [None if i in skip else images for i in range(self.num_devices)]
+        for s in range(len(self.device_stages[0])):
+            maps = [None if m is None else self.device_stages[i][s].run(None, {self.device_stages[i][s].get_inputs()[0].name: m})[0]
+                    for i, m in enumerate(maps)]
+            exchange = self.exchanges.get(s)
+            if exchange is not None:
+                sent = [None if m is None else exchange_message(m, exchange, self.transport_dtype) for m in maps]
+                maps = [None if m is None else average_channels(m, sent[exchange["route"][j]])
+                        for j, m in enumerate(maps)]
+        return maps
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
         return model_images(images, self.manifest["input"]["shape"])

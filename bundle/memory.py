@@ -201,5 +201,15 @@ def estimate_entry(path: Path, key: str) -> dict:
         return {f"{key}_error": str(e).replace(str(path.parent.parent) + "/", "")}
 
 
+def staged_peak(stages: list[dict]) -> dict:
+    """The peak of a device that runs several models in turn in one process (a staged bundle): every model
+    stays loaded, so weights and runtime structures add up, while only one stage's activations live at a
+    time."""
+    weights, runtime = sum(m["weights"] for m in stages), sum(m["runtime"] for m in stages)
+    activations = max(m["activations"] for m in stages)
+    return {"weights": weights, "activations": activations, "runtime": runtime,
+            "total": weights + activations + runtime}
+
+
 if __name__ == "__main__":
     print(json.dumps(_measure_here(sys.argv[1])))

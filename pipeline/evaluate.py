@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from bundle.export import export_onnx
-from bundle.format import Bundle
+from bundle.format import Bundle, model_files
 from bundle.memory import estimate_entry
 from core.energy import EnergyModel
 from core.io import atomic_path, read_json, write_json_atomic, write_text_atomic
@@ -64,7 +64,8 @@ def teacher_peak_memory(teacher: torch.nn.Module, image_shape: tuple[int, int, i
 def part_costs(entry: dict, root: Path, int8_weights: bool, energy: EnergyModel, received: int, sent: int) -> dict:
     """A bundle part's peak memory (of the model file it runs: int8 weights when used) and estimated
     energy per inference for its MACs and the bytes it receives and sends."""
-    key = "peak_memory_int8" if int8_weights and "onnx_int8" in entry["files"] else "peak_memory"
+    has_int8 = any(k.endswith("onnx_int8") for k in entry["files"])  # a staged part names one per stage
+    key = "peak_memory_int8" if int8_weights and has_int8 else "peak_memory"
     if key in entry or f"{key}_error" in entry:  # the export's estimate (None: it could not be made)
         memory = entry.get(key)
     else:  # a bundle exported before the estimate existed
@@ -90,15 +91,18 @@ def bundle_outputs(bundle: Bundle, images: torch.Tensor) -> tuple[torch.Tensor, 
     return torch.from_numpy(np.asarray(bundle.aggregate(vectors), dtype=np.float32)), vectors
 
 
-def failure_table(bundle: Bundle, vectors: list[np.ndarray] | None, labels: torch.Tensor, accuracy: float,
-                  max_subsets: int, seed: int) -> list[dict]:
-    """Accuracy with each subset of devices missing (their vectors replaced by the fill); None: no answer."""
+def failure_table(bundle: Bundle, vectors: list[np.ndarray] | None, images: torch.Tensor, labels: torch.Tensor,
+                  accuracy: float, max_subsets: int, seed: int) -> list[dict]:
+    """Accuracy with each subset of devices missing (their vectors replaced by the fill; in a staged bundle
+    their peers also run without their messages); None: no answer."""
     failures = []
     for missing in failure_subsets(bundle.num_devices, max_subsets, seed):
         if not missing:
             acc = accuracy
         elif vectors is None:
             acc = None  # a chain with a device missing gives no answer
+        elif bundle.staged:
+            acc = _acc(torch.from_numpy(bundle.predict_batches(images.numpy(), 500, missing)).argmax(1), labels)
         else:
             kept = [None if i in missing else v for i, v in enumerate(vectors)]
             acc = _acc(torch.from_numpy(np.asarray(bundle.aggregate(kept))).argmax(1), labels)
@@ -122,9 +126,9 @@ def part_rows(manifest: dict, bundle: Bundle, export_dir: Path, int8_weights: bo
     aggregator's."""
     devices = [{k: d[k] for k in ("name", "arch", "output_width", "params", "weight_bytes", "macs",
                                   "bytes_sent_per_inference")}
-               | {"model_file": f, "model_file_bytes": (export_dir / f).stat().st_size}
+               | {"model_file": ", ".join(files), "model_file_bytes": sum((export_dir / f).stat().st_size for f in files)}
                | part_costs(d, export_dir, int8_weights, energy, input_bytes(d), d["bytes_sent_per_inference"])
-               for d, f in zip(manifest["devices"], bundle.model_files)]
+               for d in manifest["devices"] for files in [model_files(d, int8_weights)]]
     # batch-1 time of each device's model, one thread: what a small device's single core would see (this CPU)
     latency = Bundle.load(export_dir, threads=1, use_int8=int8_weights).device_latency_ms(image)
     for d, ms in zip(devices, latency):
@@ -149,7 +153,7 @@ def evaluate_run(ctx: Context, tracker: Tracker) -> dict:
     bundle = Bundle.load(export_dir, use_int8=int8_weights)
     bundle_logits, vectors = bundle_outputs(bundle, images)
     bundle_pred = bundle_logits.argmax(1)
-    failures = failure_table(bundle, vectors, labels, _acc(bundle_pred, labels),
+    failures = failure_table(bundle, vectors, images, labels, _acc(bundle_pred, labels),
                              cfg["evaluate"]["max_failure_subsets"], cfg["seed"])
     energy = EnergyModel.from_config(cfg["evaluate"]["energy"])
     teacher = teacher_summary(method.teacher, cfg["teacher"]["arch"], dm.image_shape, cfg["export"]["opset"], energy)
@@ -158,7 +162,7 @@ def evaluate_run(ctx: Context, tracker: Tracker) -> dict:
     sent = [d["bytes_sent_per_inference"] for d in devices]
     n = {
         "name": method.name, "label": method.label, "sends": method.sends, "num_devices": bundle.num_devices,
-        "topology": "chain" if bundle.chain else "gather", "transport": manifest["transport"]["name"],
+        "topology": "chain" if bundle.chain else "stages" if bundle.staged else "gather", "transport": manifest["transport"]["name"],
         "weights": "int8" if int8_weights else "fp32",
         "test_acc_bundle": _acc(bundle_pred, labels), "test_acc_pytorch": _acc(torch_logits.argmax(1), labels),
         "bundle_agreement": float((bundle_pred == torch_logits.argmax(1)).float().mean()),

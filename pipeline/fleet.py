@@ -175,7 +175,8 @@ class Fleet:
                                 "--deadline-ms", str(self.deadline_ms))
         else:
             index = int(name.split("_")[1])
-            cmd = self._command("device", name, "--index", str(index), "--credentials", str(self.credentials[name]))
+            cmd = self._command("device", name, "--index", str(index), "--credentials", str(self.credentials[name]),
+                                "--deadline-ms", str(self.deadline_ms))
         log = open(self.log_dir / f"{name}.log", "ab")
         env = dict(os.environ, OMP_NUM_THREADS="1")
         self.processes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -66,11 +66,13 @@ def render_markdown(r: dict) -> str:
                      f"{_memory(d['peak_memory'])} | {d['onnx_latency_ms']:.3f} | {d['bytes_sent_per_inference']:,} B | "
                      f"{d['energy_uj']:,.1f} µJ |")
     a = n["aggregator"]
-    if n["topology"] == "gather":
+    if n["topology"] != "chain":
         lines.append(f"| aggregator | {a['kind']} | - | {a['params']:,} | {_kb(a['weight_bytes'])} | - | "
                      f"{_m(a['macs'])} | {_memory(a['peak_memory'])} | - | - | {a['energy_uj']:,.1f} µJ |")
     lines += _model_parallel_lines(r.get("model_parallel"), n)
     how = ("a chain has no answer without every device" if n["topology"] == "chain"
+           else "a failed device's vector is replaced by the aggregator's fill vector; its peers get none of its "
+           "mid-network messages" if n["topology"] == "stages"
            else "a failed device's message is replaced by the aggregator's fill vector")
     lines += ["", f"## Device failures ({how})", "", "| failed devices | test accuracy |", "|---|---|"]
     for f in r["failures"]:
@@ -89,5 +91,7 @@ def _model_parallel_lines(mp: dict | None, n: dict) -> list[str]:
     for i, s in enumerate(mp["devices"]):
         lines.append(f"| {i} | {s['layers']} | {s['params']:,} | {_m(s['macs'])} | {s['bytes_sent']:,} B |")
     mp_sent = mp["bytes_sent_between_devices"]
+    sent = n["total_bytes_sent"]
+    ratio = (f"{mp_sent / max(sent, 1):.0f}x less" if sent <= mp_sent else f"{sent / max(mp_sent, 1):.1f}x more")
     return lines + ["", f"Model parallelism sends {mp_sent:,} B per image between devices; {n['label']} sends "
-                    f"{n['total_bytes_sent']:,} B ({mp_sent / max(n['total_bytes_sent'], 1):.0f}x less)."]
+                    f"{sent:,} B ({ratio})."]

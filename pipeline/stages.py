@@ -128,7 +128,7 @@ def stage_distill(ctx: Context, tracker: Tracker) -> dict:
     module = method.module(model, plan)
     pool = attach_teacher_pool(ctx, dm, module, method.setting.teacher_sha256)
     best, results = train_and_test(ctx, tracker, "distill", module, dm,
-                                    ctx.config["distill"]["epochs"], f"{method.label} ({len(model.devices)} devices)")
+                                    ctx.config["distill"]["epochs"], f"{method.label} ({len(method.device_entries(plan))} devices)")
     results.update(pool)
     mark_done(ctx, "distill", [best], results)
     return results

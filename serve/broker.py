@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bundle.format import is_chain
+from bundle.format import exchanges, reads, writes
 from serve import defaults
 from serve.mqtt import RuntimeSetupError, topic
 from serve.wire import HEADER
@@ -50,14 +50,19 @@ class Users:
     """The processes of one bundle that the broker admits."""
     bundle_id: str
     num_devices: int
-    chain: bool = False  # device i > 0 reads dev/<i-1> instead of input
-    row_bytes: int = 0   # the largest row its messages carry (an image, a device's output, an answer) in float32
+    reads: tuple[tuple[tuple, ...], ...]   # per device, the topics it reads (``bundle.format.reads``)
+    writes: tuple[tuple[tuple, ...], ...]  # per device, the topics it publishes (``bundle.format.writes``)
+    row_bytes: int = 0  # the largest row its messages carry (an image, a device's output or message, an answer), fp32
 
     @classmethod
     def of(cls, manifest: dict) -> Users:
+        n = len(manifest["devices"])
         widths = [math.prod(manifest["input"]["shape"]), manifest["num_classes"],
-                  *(d["output_width"] for d in manifest["devices"])]
-        return cls(manifest["manifest_sha256"][:12], len(manifest["devices"]), is_chain(manifest), 4 * max(widths))
+                  *(d["output_width"] for d in manifest["devices"]),
+                  *(e["channels"] * math.prod(d["stages"][s]["output_shape"][1:])
+                    for s, e in exchanges(manifest).items() for d in manifest["devices"])]
+        return cls(manifest["manifest_sha256"][:12], n, tuple(tuple(reads(manifest, i)) for i in range(n)),
+                   tuple(tuple(writes(manifest, i)) for i in range(n)), 4 * max(widths))
 
     def message_bytes(self) -> int:
         """The largest message the runtime sends for this bundle: header + MAX_ROWS of its largest row."""
@@ -92,8 +97,8 @@ def _acl(users: Users) -> list[str]:
                  *(f"topic write {x}" for x in write)]
         return "\n".join(lines)
 
-    blocks = [rules(device_name(i), [t("input") if i == 0 or not users.chain else t("dev", i - 1), t("control")],
-                    [t("dev", i), t("status", device_name(i)), t("stats", device_name(i))])
+    blocks = [rules(device_name(i), [*(t(*x) for x in users.reads[i]), t("control")],
+                    [*(t(*x) for x in users.writes[i]), t("status", device_name(i)), t("stats", device_name(i))])
               for i in range(users.num_devices)]
     blocks.append(rules("aggregator", [t("input"), t("dev", "+"), t("control")],
                         [t("out"), t("status", "aggregator"), t("stats", "aggregator")]))

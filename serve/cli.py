@@ -46,6 +46,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     device.add_argument("--index", type=int, required=True, help="which device of the bundle (0-based)")
     device.add_argument("--credentials", type=Path, required=True, help="this device's credential file")
     device.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    device.add_argument("--deadline-ms", type=float, default=defaults.DEADLINE_MS,
+                        help="the aggregator's deadline; a staged device waits for each peer message a share of "
+                        f"half of it (default {defaults.DEADLINE_MS:g})")
     add_broker_options(device)
     add_process_link_options(device)
     add_public_key_option(device)
@@ -103,7 +106,7 @@ def _serve(args: argparse.Namespace) -> None:
         from serve.device import Device
 
         process = Device(args.bundle, args.index, broker, credentials, link, threads=args.threads,
-                         public_key=args.public_key)
+                         public_key=args.public_key, deadline_ms=args.deadline_ms)
     else:
         from serve.aggregator import Aggregator
 

@@ -1,22 +1,40 @@
 """``nonn serve device``: one process per device, running only its own model from the bundle.
 
-It loads its manifest entry and model (sha256-checked), takes images from ``input`` (in a chain
+It loads its manifest entry and models (sha256-checked), takes images from ``input`` (in a chain
 bundle, device i > 0 takes device i-1's feature map from ``dev/<i-1>`` instead) and publishes its
-output on ``dev/<i>`` in the bundle's transport dtype. Needs numpy, onnxruntime and paho-mqtt only.
+output on ``dev/<i>`` in the bundle's transport dtype; in a staged bundle it also exchanges channels
+with its peers between its stages (``bundle.format.reads`` / ``writes`` name every topic). Needs
+numpy, onnxruntime and paho-mqtt only.
 """
 from __future__ import annotations
 
+import collections
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from bundle.format import is_chain, model_images, read_manifest
+from bundle.format import (
+    average_channels,
+    exchange_message,
+    exchanges,
+    is_chain,
+    model_files,
+    model_images,
+    read_manifest,
+    reads,
+    writes,
+)
+from serve import defaults
 from serve.endpoint import Endpoint
 from serve.mqtt import Broker, Link, topic
-from serve.wire import KIND_DEVICE, KIND_INPUT, WireError, bundle_key, decode, encode
+from serve.wire import KIND_DEVICE, KIND_INPUT, WireError, bundle_key, decode, encode, peek_device
 
 INPUT_DTYPES = (np.dtype("uint8"), np.dtype("float32"))
+EARLY_MESSAGES = 64       # peer messages held for requests this device has not reached yet
+FINISHED_MEMORY = 10_000  # requests remembered after answering, to recognise late peer messages
 
 
 def images_from(payload: np.ndarray) -> np.ndarray:
@@ -27,34 +45,60 @@ def images_from(payload: np.ndarray) -> np.ndarray:
         raise WireError("bad_input") from e
 
 
+@dataclass
+class Parked:
+    """A request waiting at an exchange for its peer's message: the stage it ran, its map, since when."""
+
+    stage: int
+    fmap: np.ndarray
+    since: float
+
+
 class Device(Endpoint):
+    """Runs its stages on each request. Between stages where the bundle exchanges (SepNN), it publishes its
+    channels on ``dev/<i>/x<s>`` and waits for its peer's, up to ``exchange_wait_ms``, then goes on with
+    or without them (``bundle.format.average_channels``, as ``Bundle.predict`` does). A side-by-side or
+    chain bundle has one stage and no exchange: the request is answered at once."""
+
     def __init__(self, bundle_dir: str | Path, index: int, broker: Broker, credentials: tuple[str, str],
-                 link: Link | None = None, threads: int = 1, public_key: Path | None = None) -> None:
+                 link: Link | None = None, threads: int = 1, public_key: Path | None = None,
+                 deadline_ms: float = defaults.DEADLINE_MS) -> None:
         import onnxruntime as ort
 
         if index < 0:
             raise ValueError(f"--index {index}: device indices start at 0")
+        if deadline_ms <= 0:
+            raise ValueError(f"--deadline-ms {deadline_ms}: must be > 0")
         root, manifest = read_manifest(bundle_dir, part=index, public_key=public_key)
         if index >= len(manifest["devices"]):
             raise ValueError(f"--index {index}: the bundle has devices 0..{len(manifest['devices']) - 1}")
         entry = manifest["devices"][index]
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(root / entry["files"]["onnx"]), sess_options=options,
-                                            providers=["CPUExecutionProvider"])
+        self.sessions = [ort.InferenceSession(str(root / f), sess_options=options, providers=["CPUExecutionProvider"])
+                         for f in model_files(entry)]
         self.index = index
-        self.input_name = self.session.get_inputs()[0].name
         self.key = bundle_key(manifest["manifest_sha256"][:12])
         self.input_shape = tuple(manifest["input"]["shape"])
         self.upstream = manifest["devices"][index - 1] if is_chain(manifest) and index > 0 else None
         scales = manifest["transport"].get("scales")
         self.scale = float(scales[index]) if scales else 0.0
+        self.dtype = np.dtype(manifest["transport"]["dtype"])
+        self.exchanges = exchanges(manifest)
+        self.exchange_wait_s = defaults.exchange_wait_ms(deadline_ms, len(self.exchanges)) / 1000.0
+        self.map_shapes = {s: tuple(entry["stages"][s]["output_shape"]) for s in self.exchanges}
+        self.parked: dict[int, Parked] = {}  # request -> waiting at an exchange
+        self.early: collections.OrderedDict[tuple[int, int], tuple[float, np.ndarray]] = collections.OrderedDict()
+        self.finished: collections.OrderedDict[int, None] = collections.OrderedDict()  # requests done, for late peers
+        self.lock = threading.Lock()  # paho's thread (messages) and the serve loop (waits that expire) share state
+        self.missed = 0  # exchanges that went on without the peer's message
         super().__init__(entry["name"], manifest["manifest_sha256"][:12], broker, credentials, link)
-        self.out_topic = topic(self.bundle_id, "dev", index)
-        if self.upstream is None:
-            self.on(topic(self.bundle_id, "input"), self._infer)
-        else:
-            self.on(topic(self.bundle_id, "dev", index - 1), self._infer)
+        first, *peers = reads(manifest, index)
+        self.out_topic, *exchange_topics = (topic(self.bundle_id, *t) for t in writes(manifest, index))
+        self.exchange_topics = dict(zip(sorted(self.exchanges), exchange_topics))
+        self.on(topic(self.bundle_id, *first), self._infer)
+        for s, peer in zip(sorted(self.exchanges), peers):
+            self.on(topic(self.bundle_id, *peer), lambda data, s=s: self._peer(s, data))
 
     def _read(self, data: bytes):
         if self.upstream is None:
@@ -67,20 +111,95 @@ class Device(Endpoint):
 
     def _infer(self, data: bytes) -> None:
         message, inputs = self._read(data)
-        start = time.perf_counter()
-        vector = self.session.run(None, {self.input_name: inputs})[0]
-        self.compute_s += time.perf_counter() - start
+        with self.lock:
+            if self.exchanges and (message.request in self.parked or message.request in self.finished):
+                raise WireError("duplicate")  # a staged request's state must not be overwritten
+            self._run(message.request, 0, inputs)
+
+    def _peer(self, stage: int, data: bytes) -> None:
+        """A peer's message for the exchange after ``stage``: sent by the device the route names (the topic's
+        ACL lets only that credential publish it; a header naming another is dropped as spoofed)."""
+        exchange = self.exchanges[stage]
+        if peek_device(data) != exchange["route"][self.index]:
+            raise WireError("spoofed")
+        rows_shape = (exchange["channels"], *self.map_shapes[stage][1:])
+        message = decode(data, self.key, KIND_DEVICE, rows_shape, (self.dtype,))
+        with self.lock:
+            parked = self.parked.get(message.request)
+            if parked is not None and parked.stage == stage:
+                if len(message.payload) != len(parked.fmap):
+                    raise WireError("malformed")
+                del self.parked[message.request]
+                self._run(message.request, stage + 1, average_channels(parked.fmap, message.payload))
+            elif message.request in self.finished or (parked is not None and parked.stage > stage):
+                self.dropped["late"] += 1
+            else:
+                self._hold(message.request, stage, message.payload)
+
+    def _hold(self, request: int, stage: int, payload: np.ndarray) -> None:
+        """A peer's message that came before this device reached the exchange: kept for one wait, a bounded
+        number of them."""
+        if (request, stage) in self.early:
+            raise WireError("duplicate")
+        self.early[(request, stage)] = (time.monotonic(), payload)
+        while len(self.early) > EARLY_MESSAGES:
+            self.early.popitem(last=False)
+            self.dropped["unsolicited"] += 1
+
+    def _run(self, request: int, stage: int, x: np.ndarray) -> None:
+        """Run from ``stage`` until the answer is sent or an exchange has to wait for its peer (lock held)."""
+        while True:
+            start = time.perf_counter()
+            session = self.sessions[stage]
+            y = session.run(None, {session.get_inputs()[0].name: x})[0]
+            self.compute_s += time.perf_counter() - start
+            exchange = self.exchanges.get(stage)
+            if exchange is None:
+                break
+            sent = exchange_message(y, exchange, self.dtype)
+            self.publish(self.exchange_topics[stage],
+                         encode(KIND_DEVICE, self.key, request, sent, device=self.index), sent.nbytes)
+            held = self.early.pop((request, stage), None)
+            if held is None:
+                self.parked[request] = Parked(stage, y, time.monotonic())
+                return
+            received = held[1] if len(held[1]) == len(y) else None
+            if received is None:
+                self.dropped["malformed"] += 1
+            x, stage = average_channels(y, received), stage + 1
         self.computed += 1
-        out = encode(KIND_DEVICE, self.key, message.request, vector, device=self.index, scale=self.scale)
-        self.publish(self.out_topic, out, vector.nbytes)
+        if self.exchanges:
+            self.finished[request] = None
+            while len(self.finished) > FINISHED_MEMORY:
+                self.finished.popitem(last=False)
+        out = encode(KIND_DEVICE, self.key, request, y, device=self.index, scale=self.scale)
+        self.publish(self.out_topic, out, y.nbytes)
+
+    def _expire(self) -> None:
+        """Go on without the peer's message where the wait is over; forget held messages nobody claimed."""
+        now = time.monotonic()
+        with self.lock:
+            for request in [r for r, p in self.parked.items() if now - p.since >= self.exchange_wait_s]:
+                parked = self.parked.pop(request)
+                self.missed += 1
+                self._run(request, parked.stage + 1, parked.fmap)
+            while self.early and now - next(iter(self.early.values()))[0] >= self.exchange_wait_s:
+                self.early.popitem(last=False)
+                self.dropped["unsolicited"] += 1
 
     def serve(self) -> None:
         """Answer until SIGTERM/SIGINT; the network loop (and inference) runs in paho's thread, which
-        reconnects when the broker goes away."""
+        reconnects when the broker goes away; this one lets exchange waits expire."""
         self.handle_signals()
         self.client.loop_start()
         self.announce()
-        while not self.stop.wait(0.1):
-            pass
+        tick = min(0.1, self.exchange_wait_s / 4) if self.exchanges else 0.1
+        while not self.stop.wait(tick):
+            if self.exchanges:
+                self._expire()
         self.close()
         self.client.loop_stop()
+
+    def stats(self) -> dict:
+        return {**super().stats(), "exchanges_missed": self.missed,
+                "exchange_wait_ms": self.exchange_wait_s * 1000.0 if self.exchanges else None}

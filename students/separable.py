@@ -6,7 +6,8 @@ exchange, device ``j`` receives the first ``m`` channels of its peer ``route[j]`
 them with its own: ``x[:, :m] = (x[:, :m] + peer[:, :m]) / 2``; its other channels are unchanged. A
 message that does not arrive (a device down, a late or dropped exchange) leaves ``x`` unchanged, the
 same as averaging ``x`` with itself. After the last stage each branch pools its map into a vector,
-and a shared classifier over the concatenated vectors gives the logits, as in NoNN and LCP.
+and a shared classifier over the concatenated vectors gives the logits, as in NoNN and LCP; a failed
+device's vector is replaced by its training mean (NoNN's ``Aggregator``).
 
 An :class:`ExchangePolicy` says where the branches talk, with whom and how much; the bytes it costs
 per inference follow from the maps' shapes (:meth:`SeparableNet.exchange_bytes`).
@@ -22,6 +23,8 @@ import torch
 from torch import nn
 
 from students.networks import wide_resnet
+from students.split import average_channels
+from students.unified import Aggregator
 
 FRACTIONS = tuple(round(0.5 + i / 16, 4) for i in range(9))  # 50 % to 100 % of a map's channels, 9 steps
 
@@ -104,8 +107,9 @@ class SeparableNet(nn.Module):
         self.stages = nn.ModuleList(nn.ModuleList(nn.Sequential(*b.body[a:z]) for a, z in zip(self.cuts, self.cuts[1:]))
                                     for b in branches)
         self.out_width = branches[0].feature_channels
-        self.classifier = nn.Linear(num_devices * self.out_width, num_classes)
+        self.aggregator = Aggregator([self.out_width] * num_devices, num_classes)
         self.num_devices = num_devices
+        self.num_classes = num_classes
         self.policy = ExchangePolicy()
 
     @property
@@ -115,8 +119,9 @@ class SeparableNet(nn.Module):
     def forward(self, x: torch.Tensor, missing: Sequence[int] = (), policy: ExchangePolicy | None = None,
                 dropped: Sequence[int] = ()) -> torch.Tensor:
         """Logits with ``policy`` (default: ``self.policy``). ``missing`` devices send nothing (their vector
-        is zero and their maps reach no peer); exchange points in ``dropped`` carry no message."""
-        return self.classifier(torch.cat(self.vectors(x, missing, policy, dropped), dim=1))
+        is replaced by its training mean and their maps reach no peer); points in ``dropped`` carry no message."""
+        z = torch.cat(self.vectors(x, missing, policy, dropped), dim=1)
+        return self.aggregator(self.aggregator.fill_missing(z, missing))
 
     def vectors(self, x: torch.Tensor, missing: Sequence[int] = (), policy: ExchangePolicy | None = None,
                 dropped: Sequence[int] = ()) -> list[torch.Tensor]:
@@ -129,6 +134,22 @@ class SeparableNet(nn.Module):
                 maps = [average_in(m, maps[exchange.route[j]], exchange.fraction, exchange.route[j] in missing)
                         for j, m in enumerate(maps)]
         return [torch.zeros_like(m[:, :, 0, 0]) if j in missing else m.mean(dim=(2, 3)) for j, m in enumerate(maps)]
+
+    def device_stages(self, policy: ExchangePolicy) -> list[list[nn.Module]]:
+        """What each device runs under ``policy``, cut only where it exchanges: the first stage takes the image
+        in [0, 1], the last returns the pooled vector (the modules are this net's own, not copies)."""
+        active = sorted(policy.exchanges)
+        bounds = [0, *(p + 1 for p in active), len(self.cuts) - 1]
+        return [[BranchStage(list(stages)[a:z], self.normalize if a == 0 else None, z == len(stages))
+                 for a, z in zip(bounds, bounds[1:])] for stages in self.stages]
+
+    def stage_exchanges(self, policy: ExchangePolicy, image_shape: Sequence[int]) -> list[dict]:
+        """``policy`` in the terms of ``device_stages``: after stage ``after_stage`` device j averages in the
+        first ``channels`` channels of device ``route[j]``'s map."""
+        shapes = self.point_shapes(image_shape)
+        return [{"after_stage": s, "route": list(policy.exchanges[p].route),
+                 "channels": policy.exchanges[p].channels(shapes[p][0])}
+                for s, p in enumerate(sorted(policy.exchanges))]
 
     @torch.no_grad()
     def exchange_bytes(self, policy: ExchangePolicy, image_shape: Sequence[int], itemsize: int = 4) -> int:
@@ -150,13 +171,24 @@ class SeparableNet(nn.Module):
         return shapes
 
 
+class BranchStage(nn.Module):
+    """A run of a branch's stages between two exchanges: the first normalises the image, the last pools."""
+
+    def __init__(self, stages: Sequence[nn.Module], normalize: nn.Module | None, pool: bool) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.body = nn.Sequential(*stages)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(x if self.normalize is None else self.normalize(x))
+        return x.mean(dim=(2, 3)) if self.pool else x
+
+
 def average_in(own: torch.Tensor, peer: torch.Tensor, fraction: float, peer_missing: bool = False) -> torch.Tensor:
     """``own`` with its first ``ceil(fraction * C)`` channels averaged with ``peer``'s; unchanged when the
     peer's message is missing."""
-    if peer_missing:
-        return own
-    m = Exchange((), fraction).channels(own.shape[1])
-    return torch.cat([(own[:, :m] + peer[:, :m]) / 2, own[:, m:]], dim=1)
+    return own if peer_missing else average_channels(own, peer[:, :Exchange((), fraction).channels(own.shape[1])])
 
 
 @torch.no_grad()

@@ -81,6 +81,13 @@ class GatherModel(nn.Module):
         return self.aggregator(self.aggregator.fill_missing(self.vectors(x), missing))
 
 
+def average_channels(own: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
+    """A mid-network exchange (SepNN): ``own``'s first ``received.shape[1]`` channels averaged with the
+    channels a peer sent, the rest unchanged. ``bundle.format.average_channels`` is its numpy twin."""
+    m = received.shape[1]
+    return torch.cat([(own[:, :m] + received.to(own.dtype)) / 2, own[:, m:]], dim=1)
+
+
 class CombineRule(nn.Module):
     """An aggregator's combining rule alone, as a module (to count its MACs without its training-time state)."""
 

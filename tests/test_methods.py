@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bundle.format import Bundle
-from bundle.memory import measure_ort, peak_memory
+from bundle.format import Bundle, model_files
+from bundle.memory import measure_ort, peak_memory, staged_peak
 from distill.losses import LOSSES
 from distill.modules import DistillModule
 from methods import METHODS
@@ -55,7 +55,7 @@ def _report(run_dir: Path) -> dict:
 
 
 def test_registry_holds_every_method():
-    assert {"nonn", "single", "lcp", "vp", "cp", "mp", "halp"} <= set(METHODS)
+    assert {"nonn", "single", "lcp", "vp", "cp", "mp", "halp", "sepnn"} <= set(METHODS)
     for cls in METHODS.values():
         assert cls.label and cls.sends
 
@@ -86,10 +86,13 @@ def test_peak_memory_estimate_is_within_20_percent_of_what_onnx_runtime_allocate
     report = _report(runs[name])["method"]
     for entry, reported in zip(manifest["devices"], report["devices"]):
         estimate = entry["peak_memory"]
-        assert estimate == peak_memory(root / entry["files"]["onnx"]) == reported["peak_memory"]
+        assert estimate == reported["peak_memory"]
         assert estimate["weights"] >= entry["weight_bytes"] * 0.95  # the graph holds the weights (BN folded or not)
-        measured = measure_ort(root / entry["files"]["onnx"])["peak"]
-        assert abs(estimate["total"] - measured) <= 0.2 * measured, (entry["name"], estimate, measured)
+        stages = [peak_memory(root / f) for f in model_files(entry)]  # a staged device runs one model per stage
+        assert estimate == (stages[0] if len(stages) == 1 else staged_peak(stages))
+        for file, stage in zip(model_files(entry), stages):
+            measured = measure_ort(root / file)["peak"]
+            assert abs(stage["total"] - measured) <= 0.2 * measured, (file, stage, measured)
     assert report["max_device_peak_memory"] == max(d["peak_memory"]["total"] for d in report["devices"])
 
 
@@ -201,10 +204,11 @@ def test_halp_is_the_teacher_exactly_and_a_lost_device_costs_accuracy_not_the_an
     assert [d["bytes_sent_per_inference"] for d in m["devices"]] == [4 * channels * (b - a) * columns for a, b in rows]
 
 
-@pytest.mark.parametrize("name", ["vp", "cp", "halp"])
+@pytest.mark.parametrize("name", ["vp", "cp", "halp", "sepnn"])
 def test_vp_and_cp_bundles_run_over_mqtt_like_in_process(runs, name, tmp_path):
-    """The runtime knows no method: devices send what their graphs return, the aggregator's graph combines.
-    The drill kills device 0: the answers while it is down equal the bundle's without it."""
+    """The runtime knows no method: devices send what their graphs return (SepNN's also exchange channels
+    between their stages), the aggregator's graph combines. The drill kills device 0: the answers while
+    it is down equal the bundle's without it (for SepNN: device 1 also ran without device 0's messages)."""
     from pipeline.deploy import run_deploy
     from pipeline.deploy_phases import DeployOptions
 
@@ -216,8 +220,9 @@ def test_vp_and_cp_bundles_run_over_mqtt_like_in_process(runs, name, tmp_path):
     assert report["method"] == name and report["lost"]["total"] == 0
     assert report["accuracy"]["predictions_equal_bundle"]
     assert report["drill"]["predictions_equal_bundle_missing_device"]
-    widths = [d["output_width"] for d in Bundle.load(bundle_dir).manifest["devices"]]
-    assert [report["per_inference"][f"device_{i}"]["payload_bytes"] for i in range(2)] == [4 * w for w in widths]
+    devices = Bundle.load(bundle_dir).manifest["devices"]
+    assert [report["per_inference"][f"device_{i}"]["payload_bytes"] for i in range(2)] == \
+        [d["bytes_sent_per_inference"] for d in devices]
 
 
 def test_topk_sum_adds_scattered_probabilities():
@@ -258,6 +263,55 @@ def test_confusion_grouping_keeps_confused_classes_together():
     assert sorted(map(len, group_classes(10, 4, "confusion", confusion=torch.rand(10, 10)))) == [2, 2, 3, 3]
 
 
+def test_sepnn_devices_exchange_mid_network_and_a_lost_device_takes_its_messages_with_it(runs):
+    """The default policy exchanges all channels at both points of a WRN-10-1 branch: three stages per
+    device, two messages each way, as the ACL allows and no other way."""
+    from serve.broker import Users, _acl
+
+    root = runs["sepnn"] / "export"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["topology"] == "stages" and [len(d["stages"]) for d in manifest["devices"]] == [3, 3]
+    # 16 x 16 images: the points carry 16 x 16 x 16 and 32 x 8 x 8 fp32 numbers; each device sends both, then 64
+    assert [(e["after_stage"], e["route"], e["channels"], e["bytes"]) for e in manifest["exchanges"]] == \
+        [(0, [1, 0], 16, 16 * 256 * 4), (1, [1, 0], 32, 32 * 64 * 4)]
+    report = _report(runs["sepnn"])["method"]
+    assert [d["bytes_sent_per_inference"] for d in report["devices"]] == [(16 * 256 + 32 * 64 + 64) * 4] * 2
+    assert report["exchange_bytes"] == 2 * (16 * 256 + 32 * 64) * 4
+    from pipeline.context import Context
+
+    bundle = Bundle.load(root)
+    dm = Context(load_config(runs["sepnn"] / "config.yaml"), runs["sepnn"]).datamodule()
+    images, labels = dm.test[0].float().div(255.0).numpy(), dm.test[1].numpy()
+    # device 0 down: device 1 runs without its messages, so its vector is not the one it sends with them
+    without = bundle.predict(images, missing=[0])
+    filled_only = bundle.aggregate([None, bundle.device_vectors(images)[1]])
+    assert not np.allclose(without, filled_only)
+    down = [f for f in _report(runs["sepnn"])["failures"] if f["missing"] == [0]][0]
+    assert down["accuracy"] == pytest.approx(float((without.argmax(1) == labels).mean()))
+    acl = "\n".join(_acl(Users.of(manifest)))
+    device_0 = acl.split("\n\n")[0]
+    assert f"topic read nonn/{manifest['manifest_sha256'][:12]}/dev/1/x0" in device_0
+    assert f"topic write nonn/{manifest['manifest_sha256'][:12]}/dev/0/x1" in device_0
+    assert "dev/0/x0" not in device_0.split("topic write")[0], "a device never reads its own messages"
+
+
+def test_sepnn_takes_the_cheapest_searched_policy_within_the_loss_it_allows():
+    from methods.sepnn import search_choice
+
+    everywhere = {"0": {"route": [1, 0], "fraction": 1.0}, "1": {"route": [1, 0], "fraction": 1.0}}
+    cheap = {"1": {"route": [1, 0], "fraction": 0.5}}
+    rows = [{"policy": {}, "accuracy": 0.80, "exchange_bytes": 0},
+            {"policy": cheap, "accuracy": 0.893, "exchange_bytes": 100},
+            {"policy": everywhere, "accuracy": 0.90, "exchange_bytes": 900}]
+    record = {"branches": {"devices": 2, "point_shapes": [[16, 8, 8], [32, 4, 4]]}, "rows": rows,
+              "front": rows}
+    assert search_choice(record, max_loss_pp=1.0) == cheap
+    assert search_choice(record, max_loss_pp=0.5) == everywhere
+    assert search_choice(record, max_loss_pp=20.0) == {}
+    with pytest.raises(ValueError, match="no row for exchanging everywhere"):
+        search_choice({**record, "rows": rows[:2]}, 1.0)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["--method", "vpp"], "method = 'vpp'; choose one of"),
     (["--method", "vp", "--distill.losses", KD, "--method_options.vp", "{topk: 3}"], "unknown option 'topk'"),
@@ -268,6 +322,13 @@ def test_confusion_grouping_keeps_confused_classes_together():
     (["--method", "cp", "--distill.losses", KD, "--method_options.cp", "{grouping: random}"], "contiguous, confusion"),
     (["--method_options.mpp", "{devices: 2}"], "method_options.mpp: no such method"),
     (["--method", "mp", "--method_options.mp", "{devices: two}"], "expected int"),
+    (["--method", "sepnn", "--method_options.sepnn", "{policy: sometimes}"], "'everywhere', 'none', or a search"),
+    (["--method", "sepnn", "--method_options.sepnn", "{policy: {'3': {route: [1, 0], fraction: 0.5}}}"],
+     "exchange point 3: the branches have points 0..1"),
+    (["--method", "sepnn", "--method_options.sepnn", "{depth: 12}"], "depth 6n\\+4 >= 10"),
+    (["--method", "sepnn", "--export.transport", "int8"], "choose one of fp32, fp16"),
+    (["--method", "sepnn", "--distill.losses", "{kd: {}, filter_transfer_per_student: {}}"],
+     "method sepnn trains with ce, kd only"),
 ])
 def test_bad_method_settings_are_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -711,3 +711,69 @@ def test_the_broker_refuses_payloads_larger_than_the_bundle_needs(bundle: Path, 
         rogue.disconnect()
     # the small message and the second stats request arrived; the 10 MB one did not
     assert stats["aggregator"]["received"] - before == 2, stats["aggregator"]
+
+
+# --- a staged bundle (SepNN): messages between the devices' stages ------------------------------
+
+@pytest.fixture(scope="module")
+def staged_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two WRN-10-1 branches that exchange half of their channels after their first block, fp16."""
+    from bundle.export import export_staged
+    from students.separable import Exchange, ExchangePolicy, SeparableNet
+
+    torch.manual_seed(0)
+    net = SeparableNet(2, 10, 1, IMAGE_SHAPE[0], len(CLASSES), [0.5], [0.25]).eval()
+    net.aggregator.feature_mean.uniform_()
+    policy = ExchangePolicy({0: Exchange((1, 0), 0.5)})
+    out = tmp_path_factory.mktemp("staged") / "export"
+    export_staged(net.device_stages(policy), net.stage_exchanges(policy, IMAGE_SHAPE), net.aggregator, out,
+                  image_shape=IMAGE_SHAPE, class_names=CLASSES, calibration_images=images(16, seed=1),
+                  form=ExportFormat("fp16"))
+    return out
+
+
+def test_a_staged_device_drops_forged_and_malformed_peer_messages(staged_bundle: Path, tmp_path: Path):
+    """A second holder of device_0's credential may publish on dev/0/x0, as device_0 may: a message whose
+    header names another device is dropped as spoofed, garbage as malformed, and device_1 still averages
+    in the real device_0's channels, so the answer is the bundle's own."""
+    server, credentials, bundle_id, process = _private_broker(staged_bundle, tmp_path / "broker")
+    credentials["rogue"] = _add_rogue_account(tmp_path / "broker", Users.of(read_manifest(staged_bundle)[1]))
+    process.terminate()
+    process.wait(timeout=10)
+    process = start_broker(tmp_path / "broker", server.port)  # reread the ACL and passwords with the rogue in
+    fleet = Fleet(staged_bundle.resolve(), server, credentials, 1000.0, Link(), tmp_path)
+    key = wire.bundle_key(bundle_id)
+    manifest = read_manifest(staged_bundle)[1]
+    exchange = manifest["exchanges"][0]
+    shape = (exchange["channels"], *manifest["devices"][0]["stages"][0]["output_shape"][1:])
+    try:
+        started = time.perf_counter()
+        for name in NAMES:
+            fleet.start(name)
+        source = _ready_source(server, credentials, bundle_id, started)
+        rogue = connect(server, read_credentials(credentials["rogue"]), "rogue-device_0")
+        pixel = (images(1, seed=3).numpy() * 255).astype(np.uint8)
+        request = source.next_request
+        x0 = topic(bundle_id, "dev", 0, "x0")
+        rogue.publish(x0, wire.encode(wire.KIND_DEVICE, key, request, np.ones((1, *shape), np.float16), device=1))
+        rogue.publish(x0, wire.encode(wire.KIND_DEVICE, key, request, np.ones((1, 3), np.float16)))
+        rogue.loop(timeout=0.5)
+        assert source.send(pixel) == request
+        answer = source.wait(request, 10.0)
+        deadline = time.monotonic() + 10
+        while sum((stats := source.collect_stats(NAMES))["device_1"]["dropped"].values()) < 2:
+            assert time.monotonic() < deadline, stats["device_1"]
+            time.sleep(0.1)
+        fleet.check_alive()
+        source.close()
+        rogue.disconnect()
+    finally:
+        fleet.stop()
+        process.terminate()
+        process.wait(timeout=10)
+    assert answer is not None and answer.flags == 0
+    np.testing.assert_allclose(answer.logits[0], Bundle.load(staged_bundle, threads=1).predict(pixel)[0], atol=1e-4)
+    assert stats["device_1"]["dropped"] == {"spoofed": 1, "malformed": 1}
+    assert stats["device_1"]["exchanges_missed"] == 0 and stats["device_0"]["exchanges_missed"] == 0
+    # each device sent its half of 16 channels at 16 x 16 in fp16, then its 64-vector in fp16
+    assert stats["device_0"]["sent_payload_bytes"] == 8 * 16 * 16 * 2 + 64 * 2

@@ -1,0 +1,134 @@
+"""SepNN (Lin & Wang, arXiv 2111.02489): K narrow branches, one per device, that exchange a fraction of
+their channels at a few points mid-network (``students.separable``), trained jointly on their shared
+classifier's logits: from the teacher with KD by default, or from labels alone (``distill.losses:
+{ce: {}}``). Training drops each exchange with probability ``exchange_dropout``, so that a late or lost
+peer message costs little.
+
+``method_options.sepnn.policy`` says where the branches talk, with whom and how much:
+- a mapping ``{point: {route: [...], fraction: f}}`` given by hand;
+- ``everywhere`` (every point, all channels, each device from the next; also null, the default) or
+  ``none`` (LCP's branches, for comparison);
+- a search record (``benchmarks/sepnn_search.py``'s JSON): the cheapest policy on its validation Pareto
+  front within ``max_loss_pp`` of exchanging everywhere, the rule issue 21 sets.
+The bundle is staged: each device's stages are separate models with the messages between them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bundle.export import ExportFormat, export_staged
+from distill.modules import SeparableModule
+from methods.base import Method, register
+from students.separable import ExchangePolicy, SeparableNet
+
+
+def search_choice(record: dict, max_loss_pp: float) -> dict:
+    """The cheapest policy on a search record's front whose validation accuracy is within ``max_loss_pp``
+    of the policy that exchanges at every point at full width (itself also a candidate)."""
+    rows = record["rows"]
+    points = len(record["branches"]["point_shapes"])
+    devices = record["branches"]["devices"]
+    everywhere = ExchangePolicy.everywhere(points, devices).to_dict()
+    reference = next((r for r in rows if r["policy"] == everywhere), None)
+    if reference is None:
+        raise ValueError("the search record has no row for exchanging everywhere, which the choice is measured "
+                         "against; rerun benchmarks/sepnn_search.py")
+    good = [r for r in record["front"] if r["accuracy"] >= reference["accuracy"] - max_loss_pp / 100]
+    return min(good, key=lambda r: (r["exchange_bytes"], -r["accuracy"]))["policy"]
+
+
+@register
+class SepNN(Method):
+    name = "sepnn"
+    label = "SepNN branches"
+    sends = "a fraction of its feature map to one peer at each exchange point, then its pooled feature vector"
+    options = {"branches": 2, "depth": 10, "width": 1, "policy": None, "max_loss_pp": 1.0,
+               "exchange_dropout": 0.1}
+    takes_maps = False  # the branches learn the teacher's logits; they have no partition of its map
+    default_losses = {"kd": {"alpha": 0.9, "temperature": 4.0}}
+
+    @classmethod
+    def check_options(cls, opts: dict) -> None:
+        if opts["branches"] < 2:
+            raise ValueError(f"method_options.sepnn.branches = {opts['branches']}: needs at least 2 devices")
+        if (opts["depth"] - 4) % 6 or opts["depth"] < 10 or opts["width"] < 1:
+            raise ValueError(f"method_options.sepnn: depth {opts['depth']}, width {opts['width']}: a Wide ResNet "
+                             "branch needs depth 6n+4 >= 10 and width >= 1")
+        if not 0 <= opts["exchange_dropout"] < 1:
+            raise ValueError(f"method_options.sepnn.exchange_dropout = {opts['exchange_dropout']}: must be in [0, 1)")
+        policy = opts["policy"]
+        if isinstance(policy, str) and policy not in ("everywhere", "none") and not policy.endswith(".json"):
+            raise ValueError(f"method_options.sepnn.policy = {policy!r}: give a mapping of exchange points, "
+                             "'everywhere', 'none', or a search record (.json) from benchmarks/sepnn_search.py")
+        if policy is not None and not isinstance(policy, (str, dict)):
+            raise ValueError(f"method_options.sepnn.policy = {policy!r}: give a mapping of exchange points, "
+                             "'everywhere', 'none', or a search record (.json)")
+        if isinstance(policy, dict):
+            ExchangePolicy.from_dict(policy, num_points=_num_points(opts["depth"]), num_devices=opts["branches"])
+
+    def policy(self) -> ExchangePolicy:
+        o = self.opts
+        points, devices, given = _num_points(o["depth"]), o["branches"], o["policy"]
+        if given in (None, "everywhere"):
+            return ExchangePolicy.everywhere(points, devices)
+        if given == "none":
+            return ExchangePolicy()
+        if isinstance(given, str):
+            path = Path(given)
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"method_options.sepnn.policy = {given}: cannot read the search record ({e})") from e
+            branches = record.get("branches", {})
+            if (branches.get("devices"), branches.get("arch")) != (devices, f"wrn_{o['depth']}_{o['width']}"):
+                raise ValueError(f"method_options.sepnn.policy = {given}: searched for {branches.get('devices')} x "
+                                 f"{branches.get('arch')}, this config trains {devices} x wrn_{o['depth']}_{o['width']}")
+            given = search_choice(record, o["max_loss_pp"])
+        return ExchangePolicy.from_dict(given, points, devices)
+
+    def plan(self) -> dict:
+        o = self.opts
+        return {"branches": o["branches"], "depth": o["depth"], "width": o["width"],
+                "policy": self.policy().to_dict(), "exchange_dropout": float(o["exchange_dropout"])}
+
+    def build(self, plan: dict) -> SeparableNet:
+        dm = self.dm
+        net = SeparableNet(plan["branches"], plan["depth"], plan["width"], dm.image_shape[0], dm.num_classes,
+                           dm.mean, dm.std)
+        net.policy = ExchangePolicy.from_dict(plan["policy"], net.num_points, net.num_devices)
+        return net
+
+    def module(self, model: SeparableNet, plan: dict) -> SeparableModule:
+        d = self.config["distill"]
+        return SeparableModule(model, plan, d["losses"], d, self.dm.num_classes, self.teacher, self.channels_last)
+
+    def device_entries(self, plan: dict) -> list[dict]:
+        return [{"arch": f"wrn_{plan['depth']}_{plan['width']} branch"} for _ in range(plan["branches"])]
+
+    def describe(self, plan: dict) -> dict:
+        net = self.build(plan)
+        itemsize = 2 if self.config["export"]["transport"] == "fp16" else 4
+        return {"policy": plan["policy"], "exchange_dropout": plan["exchange_dropout"],
+                "exchange_points": net.num_points,
+                "exchange_bytes": net.exchange_bytes(net.policy, self.dm.image_shape, itemsize)}
+
+    def summary(self, plan: dict) -> str:
+        points = ", ".join(f"point {p} at {e['fraction']:.0%}" for p, e in plan["policy"].items()) or "no exchange"
+        return f"{plan['branches']} x wrn_{plan['depth']}_{plan['width']} branches, {points}"
+
+    def export(self, model: nn.Module, plan: dict, out_dir: Path, calibration: torch.Tensor, extra: dict) -> dict:
+        e, dm = self.config["export"], self.dm
+        return export_staged(model.device_stages(model.policy), model.stage_exchanges(model.policy, dm.image_shape),
+                             model.aggregator, out_dir, image_shape=dm.image_shape, class_names=dm.class_names,
+                             calibration_images=calibration,
+                             form=ExportFormat(e["transport"], e["int8_weights"], e["opset"]),
+                             device_entries=self.device_entries(plan), extra={**extra, "method": self.name})
+
+
+def _num_points(depth: int) -> int:
+    """Exchange points of a WRN-``depth`` branch: after every block but the last (``SeparableNet.cuts``)."""
+    return 3 * (depth - 4) // 6 - 1
