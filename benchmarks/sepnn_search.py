@@ -34,17 +34,17 @@ from pipeline.context import Context  # noqa: E402
 from pipeline.fitting import fit  # noqa: E402
 from pipeline.loading import load_teacher  # noqa: E402
 from students.complexity import count_params  # noqa: E402
-from students.separable import Exchange, ExchangePolicy, SeparableNet, pareto_front, rank_policies  # noqa: E402
+from students.separable import FRACTIONS, Exchange, ExchangePolicy, SeparableNet, pareto_front, rank_policies  # noqa: E402
 
 MP_BYTES_FMNIST = 50_176  # the committed MP row: the teacher's feature map between its 2 devices, fp32
 
 
 def candidate_policies(num_points: int, num_devices: int, sampled: int, seed: int) -> list[ExchangePolicy]:
-    """No exchange (LCP's branches), every single point at 50 % and 100 %, everywhere, and ``sampled``
+    """No exchange (LCP's branches), every single point at each fraction, everywhere, and ``sampled``
     random policies (seeded), without repeats."""
     ring = tuple((j + 1) % num_devices for j in range(num_devices))
     fixed = [ExchangePolicy(), ExchangePolicy.everywhere(num_points, num_devices)]
-    fixed += [ExchangePolicy({p: Exchange(ring, f)}) for p in range(num_points) for f in (0.5, 1.0)]
+    fixed += [ExchangePolicy({p: Exchange(ring, f)}) for p in range(num_points) for f in FRACTIONS]
     rng, seen, out = random.Random(seed), set(), []
     for policy in fixed + [ExchangePolicy.sample(rng, num_points, num_devices) for _ in range(sampled)]:
         key = str(policy.to_dict())
