@@ -10,11 +10,13 @@ peer message costs little.
   ``none`` (LCP's branches, for comparison);
 - a search record (``benchmarks/sepnn_search.py``'s JSON): the cheapest policy on its validation Pareto
   front within ``max_loss_pp`` of exchanging everywhere, the rule issue 21 sets.
-The bundle is staged: each device's stages are separate models with the messages between them.
+``init`` fine-tunes from a supernet's weights instead of training from scratch. The bundle is staged:
+each device's stages are separate models with the messages between them.
 """
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -47,7 +49,7 @@ class SepNN(Method):
     label = "SepNN branches"
     sends = "a fraction of its feature map to one peer at each exchange point, then its pooled feature vector"
     options = {"branches": 2, "depth": 10, "width": 1, "policy": None, "max_loss_pp": 1.0,
-               "exchange_dropout": 0.1}
+               "exchange_dropout": 0.1, "init": None}
     takes_maps = False  # the branches learn the teacher's logits; they have no partition of its map
     default_losses = {"kd": {"alpha": 0.9, "temperature": 4.0}}
 
@@ -60,6 +62,9 @@ class SepNN(Method):
                              "branch needs depth 6n+4 >= 10 and width >= 1")
         if not 0 <= opts["exchange_dropout"] < 1:
             raise ValueError(f"method_options.sepnn.exchange_dropout = {opts['exchange_dropout']}: must be in [0, 1)")
+        if opts["init"] is not None and not Path(opts["init"]).is_file():
+            raise ValueError(f"method_options.sepnn.init = {opts['init']}: no such file; give a supernet checkpoint "
+                             "(benchmarks/sepnn_search.py's supernet/best.ckpt) or null")
         policy = opts["policy"]
         if isinstance(policy, str) and policy not in ("everywhere", "none") and not policy.endswith(".json"):
             raise ValueError(f"method_options.sepnn.policy = {policy!r}: give a mapping of exchange points, "
@@ -103,6 +108,8 @@ class SepNN(Method):
         return net
 
     def module(self, model: SeparableNet, plan: dict) -> SeparableModule:
+        if self.opts["init"]:
+            start_from(model, Path(self.opts["init"]))
         d = self.config["distill"]
         return SeparableModule(model, plan, d["losses"], d, self.dm.num_classes, self.teacher, self.channels_last)
 
@@ -127,6 +134,22 @@ class SepNN(Method):
                              calibration_images=calibration,
                              form=ExportFormat(e["transport"], e["int8_weights"], e["opset"]),
                              device_entries=self.device_entries(plan), extra={**extra, "method": self.name})
+
+
+def start_from(net: SeparableNet, checkpoint: Path) -> None:
+    """Fine-tuning: the branches and classifier start from a supernet's weights (``sepnn_search.py``'s
+    ``supernet/best.ckpt``) instead of at random; errors name the file."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    except (OSError, KeyError, RuntimeError, pickle.UnpicklingError) as e:
+        raise ValueError(f"method_options.sepnn.init = {checkpoint}: not a readable Lightning checkpoint "
+                         f"({str(e).splitlines()[0]})") from e
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"method_options.sepnn.init = {checkpoint}: its weights are not these branches' "
+                         f"({str(e).splitlines()[0]}); give the supernet searched with the same branches") from e
 
 
 def _num_points(depth: int) -> int:

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from serve import defaults
-from serve.cli import add_broker_options, add_link_options, guarded
+from serve.cli import add_broker_options, add_link_options, add_public_key_option, guarded
 from serve.cli import add_commands as add_runtime_commands
 from serve.cli import run as run_runtime
 
@@ -83,6 +83,7 @@ def add_deploy_command(sub: argparse._SubParsersAction) -> None:
                         "(export_mp/: the teacher cut layer-wise) through the same broker, side by side")
     deploy.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     add_link_options(deploy)
+    add_public_key_option(deploy)
     deploy.add_argument("--link-scope", choices=("all", "devices"), default="all",
                         help="who sends through the emulated links: every sender (default) or only the devices")
     deploy.add_argument("--change-link-at", type=int, default=None, metavar="N", help="with --select: before "

@@ -57,7 +57,8 @@ def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.n
     ``options.external``: the device and aggregator processes run elsewhere (started by hand on other
     machines); deploy waits for their ``ready`` status and skips the fault drill, which needs to kill one.
     """
-    manifests = {path: read_manifest(path)[1] for path in [bundle_dir, *([mp_bundle] if mp_bundle else [])]}
+    manifests = {path: read_manifest(path, public_key=options.public_key)[1]
+                 for path in [bundle_dir, *([mp_bundle] if mp_bundle else [])]}
     _check_options(options, len(manifests[bundle_dir]["devices"]))
     work = out_dir / "deploy"
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def run_deploy(bundle_dir: Path, out_dir: Path, images: np.ndarray, labels: np.n
             u = users[path]
             files = u.own(credentials)
             fleet = Fleet(path.resolve(), broker, files, options.deadline_ms, options.link, work / "logs" / u.bundle_id,
-                          broker_process)
+                          broker_process, public_key=options.public_key)
             sections[path] = measure_bundle(path, manifest, fleet, files[SOURCE], images, labels, options)
     finally:
         if broker_process is not None:
@@ -157,7 +158,7 @@ def deploy_from_args(args: argparse.Namespace) -> str:
     out_dir = args.out or home
     options = DeployOptions(args.broker, args.ca_file, args.credentials_dir, settings["deadline_ms"],
                             settings["window"], min(settings["drill_images"], len(images)), settings["drill_device"],
-                            link, args.progress, args.external)
+                            link, args.progress, args.external, args.public_key)
     with sigterm_unwinds():
         run_deploy(bundle_dir, out_dir, images, labels, options, mp_bundle=mp_bundle, bundle_report=bundle_report)
     return (out_dir / "deploy_report.md").read_text()
@@ -187,7 +188,7 @@ def select_from_args(args: argparse.Namespace) -> str:
         images, labels = images[:args.limit], labels[:args.limit]
     options = DeployOptions(args.broker, args.ca_file, args.credentials_dir, link=Link(args.link_mbit, args.link_ms,
                                                                                         args.link_scope),
-                            progress=args.progress)
+                            progress=args.progress, public_key=args.public_key)
     out_dir = args.out or first
     with sigterm_unwinds():
         run_select(args.select, out_dir, images, labels, args.deadline_ms, options, change)

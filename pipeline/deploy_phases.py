@@ -32,6 +32,7 @@ class DeployOptions:
     link: Link = Link()
     progress: bool = True
     external: bool = False
+    public_key: Path | None = None  # refuse a bundle not signed by this key (passed to every process deploy starts)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -105,7 +106,8 @@ def measure_bundle(bundle_dir: Path, manifest: dict, fleet: Fleet, source_creden
         for name in names if not options.external else []:
             fleet.start(name)
         source.wait_ready(names, started)
-        measured = _run_phases(source, fleet, Bundle.load(bundle_dir, threads=1), names, images, labels,
+        measured = _run_phases(source, fleet, Bundle.load(bundle_dir, threads=1, public_key=options.public_key),
+                               names, images, labels,
                                options, "MP " if is_chain(manifest) else "")
     finally:
         if source is not None:

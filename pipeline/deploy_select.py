@@ -71,7 +71,7 @@ class Candidate:
         return float(np.percentile(np.asarray(self.recent) * 1000.0, 95)) if self.recent else float("inf")
 
 
-def load_candidates(run_dirs: list[Path], images: np.ndarray) -> list[Candidate]:
+def load_candidates(run_dirs: list[Path], images: np.ndarray, public_key: Path | None = None) -> list[Candidate]:
     """Every run's bundle, its reported accuracy and its own predictions, most accurate first; runs that
     cannot be served together are refused in one line."""
     if len(run_dirs) < 2:
@@ -82,9 +82,9 @@ def load_candidates(run_dirs: list[Path], images: np.ndarray) -> list[Candidate]
         if not report_path.exists():
             raise ValueError(f"{run_dir}: no report.json; --select ranks candidates by their evaluated accuracy, "
                              "finish the run (`nonn run` or `nonn evaluate`) first")
-        bundle_dir, manifest = read_manifest(run_dir / "export")
+        bundle_dir, manifest = read_manifest(run_dir / "export", public_key=public_key)
         accuracy = read_json(report_path, "report")["method"]["test_acc_bundle"]
-        expected = Bundle.load(bundle_dir, threads=1).predict_batches(images).argmax(1)
+        expected = Bundle.load(bundle_dir, threads=1, public_key=public_key).predict_batches(images).argmax(1)
         candidates.append(Candidate(run_dir.name, bundle_dir.resolve(), manifest, accuracy, expected))
     first = candidates[0].manifest
     for c in candidates[1:]:
@@ -125,7 +125,7 @@ def run_select(run_dirs: list[Path], out_dir: Path, images: np.ndarray, labels: 
     """Probe, then serve ``images`` with the selection; writes select_report.json/.md into ``out_dir``."""
     if deadline_ms <= 0:
         raise ValueError(f"--deadline-ms {deadline_ms:g}: must be above 0")
-    candidates = load_candidates(run_dirs, images)
+    candidates = load_candidates(run_dirs, images, options.public_key)
     most = max(len(c.manifest["devices"]) for c in candidates)
     if change is not None and (change.at < 0 or any(not 0 <= d < most for d in change.devices)):
         raise ValueError(f"--change-link-at {change.at} / --change-link-devices {list(change.devices)}: a request "
@@ -143,7 +143,7 @@ def run_select(run_dirs: list[Path], out_dir: Path, images: np.ndarray, labels: 
             files = {device_name(i): links / f"{device_name(i)}.json" for i in range(u.num_devices)}
             c.fleet = Fleet(c.bundle_dir, broker, u.own(credentials),
                             ANSWER_TIMEOUT_S * 1000.0, options.link, work / "logs" / u.bundle_id, broker_process,
-                            files)
+                            files, public_key=options.public_key)
             c.fleet.log_dir.mkdir(parents=True, exist_ok=True)
             c.source = Source(broker, read_credentials(u.own(credentials)[SOURCE]), u.bundle_id,
                               c.manifest["num_classes"], options.link.for_role("source"))

@@ -146,9 +146,10 @@ class Fleet:
 
     def __init__(self, bundle_dir: Path, broker: Broker, credentials: dict[str, Path], deadline_ms: float,
                  link: Link, log_dir: Path, broker_process: subprocess.Popen | None = None,
-                 link_files: dict[str, Path] | None = None) -> None:
+                 link_files: dict[str, Path] | None = None, public_key: Path | None = None) -> None:
         self.bundle_dir, self.broker, self.credentials = bundle_dir, broker, credentials
         self.deadline_ms, self.link, self.log_dir = deadline_ms, link, log_dir
+        self.public_key = public_key  # each process refuses a bundle not signed by it
         self.link_files = link_files or {}  # process name -> a file that changes its link mid-run (LinkFile)
         self.processes: dict[str, subprocess.Popen] = {}
         self.killed: set[str] = set()  # stopped on purpose (the fault drill), not a death
@@ -162,6 +163,8 @@ class Fleet:
             cmd += ["--link-file", str(self.link_files[name])]
         if self.broker.ca_file:
             cmd += ["--ca-file", self.broker.ca_file]
+        if self.public_key is not None:
+            cmd += ["--public-key", str(Path(self.public_key).resolve())]
         link = self.link.for_role(role)
         if link.mbit_per_s:
             cmd += ["--link-mbit", str(link.mbit_per_s)]

@@ -17,9 +17,11 @@ from distill.modules import PLAN_KEY, NoNNModule
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.context import Context
+from pipeline.fleet import Fleet
 from pipeline.loading import load_trained
 from pipeline.records import STAGES
 from pipeline.stages import run_stage
+from serve.mqtt import Broker, Link
 from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slow  # the whole pipeline or real processes: `pytest -m 'not slow'` skips it
@@ -183,6 +185,13 @@ def test_export_sign_signs_every_bundle_and_a_device_given_the_key_refuses_any_o
     refused = subprocess.run(device, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
     assert "manifest.sig does not verify with" in refused.stderr
+    # nonn deploy checks the key itself and hands it to every process it starts
+    deploy = ["deploy", "--run-dir", str(run_dir), "--limit", "8", "--drill-images", "0", "--no-progress"]
+    assert main([*deploy, "--public-key", str(other)]) == 1
+    assert "manifest.sig does not verify with" in capsys.readouterr().err
+    assert main([*deploy, "--public-key", str(public)]) == 0
+    fleet = Fleet(run_dir / "export", Broker("127.0.0.1", 9), {}, 50.0, Link(), tmp_path, public_key=public)
+    assert fleet._command("device", "device_0")[-2:] == ["--public-key", str(public.resolve())]
 
 
 def test_a_loss_that_becomes_non_finite_fails_the_stage_and_keeps_the_students(finished_run, tmp_path, capsys):

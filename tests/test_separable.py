@@ -105,3 +105,29 @@ def test_the_supernet_trains_on_random_policies_and_every_policy_can_then_be_ran
     assert [r["exchange_bytes"] for r in rows] == [0, 2 * 16 * 64 * 4, 2 * (16 * 256 + 32 * 64) * 4]
     assert all(r["accuracy"] > 0.5 for r in rows), rows  # chance: 0.25
     assert net.policy == ExchangePolicy.everywhere(2, 2), "the supernet validates exchanging everywhere"
+
+
+def test_fine_tuning_starts_from_a_supernet_checkpoint_of_the_same_branches_only(tmp_path):
+    import pytorch_lightning as pl
+
+    from distill.modules import SeparableModule
+    from methods.sepnn import start_from
+
+    torch.manual_seed(0)
+    net = SeparableNet(2, 10, 1, 1, 4, [0.5], [0.25])
+    optim = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True, "schedule": "cosine"}
+    module = SeparableModule(net, {}, {"ce": {}}, optim, 4, None, channels_last=False)
+    data = torch.utils.data.TensorDataset(torch.rand(16, 1, 16, 16), torch.randint(0, 4, (16,)))
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    trainer.save_checkpoint(tmp_path / "supernet.ckpt")
+    torch.manual_seed(1)
+    fresh = SeparableNet(2, 10, 1, 1, 4, [0.5], [0.25])
+    start_from(fresh, tmp_path / "supernet.ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
+    with pytest.raises(ValueError, match="supernet.ckpt: its weights are not these branches'"):
+        start_from(SeparableNet(3, 10, 1, 1, 4, [0.5], [0.25]), tmp_path / "supernet.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.ckpt: not a readable Lightning checkpoint"):
+        start_from(fresh, tmp_path / "junk.ckpt")
