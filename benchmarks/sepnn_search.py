@@ -36,8 +36,6 @@ from pipeline.loading import load_teacher  # noqa: E402
 from students.complexity import count_params  # noqa: E402
 from students.separable import FRACTIONS, Exchange, ExchangePolicy, SeparableNet, pareto_front, rank_policies  # noqa: E402
 
-MP_BYTES_FMNIST = 50_176  # the committed MP row: the teacher's feature map between its 2 devices, fp32
-
 
 def candidate_policies(num_points: int, num_devices: int, sampled: int, seed: int) -> list[ExchangePolicy]:
     """No exchange (LCP's branches), every single point at each fraction, everywhere, and ``sampled``
