@@ -56,9 +56,9 @@ class Parked:
 
 class Device(Endpoint):
     """Runs its stages on each request. Between stages where the bundle exchanges (SepNN), it publishes its
-    channels on ``dev/<i>/x<s>`` and waits for its peer's, up to ``exchange_wait_ms``, then goes on with
-    or without them (``bundle.format.average_channels``, as ``Bundle.predict`` does). A side-by-side or
-    chain bundle has one stage and no exchange: the request is answered at once."""
+    channels on ``dev/<i>/x<s>`` and waits for its peer's (its share of half of ``--deadline-ms``), then
+    goes on with or without them (``bundle.format.average_channels``, as ``Bundle.predict`` does). A
+    side-by-side or chain bundle has one stage and no exchange: the request is answered at once."""
 
     def __init__(self, bundle_dir: str | Path, index: int, broker: Broker, credentials: tuple[str, str],
                  link: Link | None = None, threads: int = 1, public_key: Path | None = None,
