@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: distill.epochs")
     parser.add_argument("--policies", type=int, default=48, help="random policies ranked beside the fixed ones")
     parser.add_argument("--itemsize", type=int, default=2, help="bytes per exchanged number (2: fp16, default)")
+    parser.add_argument("--calibration", type=int, default=2048, help="training images each policy's BatchNorm "
+                        "statistics are measured on before it is scored (0: the supernet's mixed statistics)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", type=Path, default=None, help="also copy the record here")
     args = parser.parse_args()
@@ -106,7 +108,8 @@ def main() -> None:
     module.load_state_dict(torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"])
     policies = candidate_policies(net.num_points, args.devices, args.policies, config["seed"])
     val_images, val_labels = dm.val[0].float().div(255.0), dm.val[1]
-    rows = rank_policies(net, val_images, val_labels, policies, args.itemsize)
+    calibration = dm.train[0][:args.calibration].float().div(255.0) if args.calibration else None
+    rows = rank_policies(net, val_images, val_labels, policies, args.itemsize, calibration=calibration)
     front = pareto_front(rows)
     per_device = count_params(net) // args.devices  # the classifier is small: shared out evenly for the table
     record = {"command": " ".join(sys.argv), "git_commit": git_commit(), "hardware": hardware(),
@@ -114,6 +117,7 @@ def main() -> None:
               "branches": {"devices": args.devices, "arch": f"wrn_{args.depth}_{args.width}",
                            "params_per_device": per_device, "point_shapes": net.point_shapes(dm.image_shape)},
               "itemsize": args.itemsize, "losses": config["distill"]["losses"], "split": "validation",
+              "batchnorm_calibration_images": args.calibration,
               "rows": rows, "front": front}
     write_json_atomic(args.run_dir / "sepnn_search.json", record)
     plot(rows, front, args.run_dir / "sepnn_search.png",

@@ -194,18 +194,47 @@ def average_in(own: torch.Tensor, peer: torch.Tensor, fraction: float, peer_miss
 
 
 @torch.no_grad()
-def rank_policies(net: SeparableNet, images: torch.Tensor, labels: torch.Tensor,
-                  policies: Sequence[ExchangePolicy], itemsize: int = 4, batch_size: int = 500) -> list[dict]:
-    """Each policy's accuracy on ``images`` (float in [0, 1]) and the bytes it sends per image, in the
-    order given: the weight-sharing search's scores (read on the validation split, never the test set)."""
+def recalibrate_batchnorm(net: SeparableNet, images: torch.Tensor, policy: ExchangePolicy, batch_size: int = 256) -> None:
+    """Set every BatchNorm's running statistics to what ``policy`` produces on ``images`` (training images,
+    float in [0, 1]). The supernet's statistics mix every policy it trained on; one policy's own maps differ
+    (the exchanges shift them), so each is measured with its own, as one-shot searches do."""
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
     was_training = net.training
-    net.eval()
+    net.train()
+    try:
+        for i in range(0, len(images), batch_size):
+            net.vectors(images[i:i + batch_size], policy=policy)
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+        net.train(was_training)
+
+
+@torch.no_grad()
+def rank_policies(net: SeparableNet, images: torch.Tensor, labels: torch.Tensor,
+                  policies: Sequence[ExchangePolicy], itemsize: int = 4, batch_size: int = 500,
+                  calibration: torch.Tensor | None = None) -> list[dict]:
+    """Each policy's accuracy on ``images`` (float in [0, 1]) and the bytes it sends per image, in the
+    order given: the weight-sharing search's scores (read on the validation split, never the test set).
+    With ``calibration`` (training images) each policy is scored with its own BatchNorm statistics
+    (``recalibrate_batchnorm``); the net's own are put back afterwards."""
+    was_training = net.training
+    state = {k: v.clone() for k, v in net.state_dict().items()} if calibration is not None else None
     rows = []
     for policy in policies:
+        if calibration is not None:
+            recalibrate_batchnorm(net, calibration, policy)
+        net.eval()
         correct = sum(int((net(images[i:i + batch_size], policy=policy).argmax(1) == labels[i:i + batch_size]).sum())
                       for i in range(0, len(images), batch_size))
         rows.append({"policy": policy.to_dict(), "accuracy": correct / len(images),
                      "exchange_bytes": net.exchange_bytes(policy, images.shape[1:], itemsize)})
+    if state is not None:
+        net.load_state_dict(state)
     net.train(was_training)
     return rows
 

@@ -131,3 +131,22 @@ def test_fine_tuning_starts_from_a_supernet_checkpoint_of_the_same_branches_only
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.ckpt: not a readable Lightning checkpoint"):
         start_from(fresh, tmp_path / "junk.ckpt")
+
+
+def test_each_policy_is_scored_with_its_own_batchnorm_statistics_and_the_net_keeps_its_own():
+    torch.manual_seed(0)
+    net = SeparableNet(2, 10, 1, 1, 4, [0.5], [0.25])
+    x = torch.rand(64, 1, 16, 16)
+    policy = ExchangePolicy({0: Exchange((1, 0), 1.0)})
+    first_after_exchange = net.stages[0][1][0].pre[0]  # device 0's first BatchNorm after point 0
+    seen = []
+    hook = first_after_exchange.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))
+    from students.separable import recalibrate_batchnorm
+
+    recalibrate_batchnorm(net, x, policy, batch_size=64)
+    hook.remove()
+    assert torch.allclose(first_after_exchange.running_mean, seen[0].mean(dim=(0, 2, 3)), atol=1e-6)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rank_policies(net, x, torch.zeros(64, dtype=torch.long), [ExchangePolicy(), policy], calibration=x)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items()), "the net's own statistics are back"
+    assert first_after_exchange.momentum == 0.1
