@@ -8,8 +8,8 @@ peer message costs little.
 - a mapping ``{point: {route: [...], fraction: f}}`` given by hand;
 - ``everywhere`` (every point, all channels, each device from the next; also null, the default) or
   ``none`` (LCP's branches, for comparison);
-- a search record (``benchmarks/sepnn_search.py``'s JSON): the cheapest policy on its validation Pareto
-  front within ``max_loss_pp`` of exchanging everywhere, the rule issue 21 sets.
+- a search record (``benchmarks/sepnn_search.py``'s JSON): the most accurate policy on its validation
+  Pareto front that exchanges at most ``max_exchange_bytes`` per image (null: no budget).
 ``init`` fine-tunes from a supernet's weights instead of training from scratch. The bundle is staged:
 each device's stages are separate models with the messages between them.
 """
@@ -28,19 +28,15 @@ from methods.base import Method, register
 from students.separable import ExchangePolicy, SeparableNet
 
 
-def search_choice(record: dict, max_loss_pp: float) -> dict:
-    """The cheapest policy on a search record's front whose validation accuracy is within ``max_loss_pp``
-    of the policy that exchanges at every point at full width (itself also a candidate)."""
-    rows = record["rows"]
-    points = len(record["branches"]["point_shapes"])
-    devices = record["branches"]["devices"]
-    everywhere = ExchangePolicy.everywhere(points, devices).to_dict()
-    reference = next((r for r in rows if r["policy"] == everywhere), None)
-    if reference is None:
-        raise ValueError("the search record has no row for exchanging everywhere, which the choice is measured "
-                         "against; rerun benchmarks/sepnn_search.py")
-    good = [r for r in record["front"] if r["accuracy"] >= reference["accuracy"] - max_loss_pp / 100]
-    return min(good, key=lambda r: (r["exchange_bytes"], -r["accuracy"]))["policy"]
+def search_choice(record: dict, max_exchange_bytes: int | None) -> dict:
+    """The most accurate policy on a search record's validation front that exchanges at most
+    ``max_exchange_bytes`` per image (None: any), the cheaper one of a tie."""
+    fits = [r for r in record["front"] if max_exchange_bytes is None or r["exchange_bytes"] <= max_exchange_bytes]
+    if not fits:
+        cheapest = min(r["exchange_bytes"] for r in record["front"])
+        raise ValueError(f"method_options.sepnn.max_exchange_bytes = {max_exchange_bytes}: no searched policy is "
+                         f"that cheap (the cheapest exchanges {cheapest:,} B per image)")
+    return max(fits, key=lambda r: (r["accuracy"], -r["exchange_bytes"]))["policy"]
 
 
 @register
@@ -48,7 +44,7 @@ class SepNN(Method):
     name = "sepnn"
     label = "SepNN branches"
     sends = "a fraction of its feature map to one peer at each exchange point, then its pooled feature vector"
-    options = {"branches": 2, "depth": 10, "width": 1, "policy": None, "max_loss_pp": 1.0,
+    options = {"branches": 2, "depth": 10, "width": 1, "policy": None, "max_exchange_bytes": None,
                "exchange_dropout": 0.1, "init": None}
     takes_maps = False  # the branches learn the teacher's logits; they have no partition of its map
     default_losses = {"kd": {"alpha": 0.9, "temperature": 4.0}}
@@ -92,7 +88,7 @@ class SepNN(Method):
             if (branches.get("devices"), branches.get("arch")) != (devices, f"wrn_{o['depth']}_{o['width']}"):
                 raise ValueError(f"method_options.sepnn.policy = {given}: searched for {branches.get('devices')} x "
                                  f"{branches.get('arch')}, this config trains {devices} x wrn_{o['depth']}_{o['width']}")
-            given = search_choice(record, o["max_loss_pp"])
+            given = search_choice(record, o["max_exchange_bytes"])
         return ExchangePolicy.from_dict(given, points, devices)
 
     def plan(self) -> dict:

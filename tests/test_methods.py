@@ -295,21 +295,20 @@ def test_sepnn_devices_exchange_mid_network_and_a_lost_device_takes_its_messages
     assert "dev/0/x0" not in device_0.split("topic write")[0], "a device never reads its own messages"
 
 
-def test_sepnn_takes_the_cheapest_searched_policy_within_the_loss_it_allows():
+def test_sepnn_takes_the_most_accurate_searched_policy_within_its_byte_budget():
     from methods.sepnn import search_choice
 
     everywhere = {"0": {"route": [1, 0], "fraction": 1.0}, "1": {"route": [1, 0], "fraction": 1.0}}
     cheap = {"1": {"route": [1, 0], "fraction": 0.5}}
-    rows = [{"policy": {}, "accuracy": 0.80, "exchange_bytes": 0},
-            {"policy": cheap, "accuracy": 0.893, "exchange_bytes": 100},
-            {"policy": everywhere, "accuracy": 0.90, "exchange_bytes": 900}]
-    record = {"branches": {"devices": 2, "point_shapes": [[16, 8, 8], [32, 4, 4]]}, "rows": rows,
-              "front": rows}
-    assert search_choice(record, max_loss_pp=1.0) == cheap
-    assert search_choice(record, max_loss_pp=0.5) == everywhere
-    assert search_choice(record, max_loss_pp=20.0) == {}
-    with pytest.raises(ValueError, match="no row for exchanging everywhere"):
-        search_choice({**record, "rows": rows[:2]}, 1.0)
+    front = [{"policy": {}, "accuracy": 0.80, "exchange_bytes": 0},
+             {"policy": cheap, "accuracy": 0.893, "exchange_bytes": 100},
+             {"policy": everywhere, "accuracy": 0.90, "exchange_bytes": 900}]
+    record = {"front": front}
+    assert search_choice(record, None) == everywhere
+    assert search_choice(record, 899) == cheap
+    assert search_choice(record, 99) == {}
+    with pytest.raises(ValueError, match="max_exchange_bytes = -1: no searched policy is that cheap"):
+        search_choice(record, -1)
 
 
 @pytest.mark.parametrize("overrides, message", [
