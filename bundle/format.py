@@ -194,6 +194,11 @@ def average_channels(own: np.ndarray, received: np.ndarray | None) -> np.ndarray
     return out
 
 
+def run_model(session: Any, x: np.ndarray) -> np.ndarray:
+    """One ONNX Runtime model on its one input."""
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
 def model_files(part: dict, use_int8: bool = False) -> list[str]:
     """The ONNX files a part runs, in order: one per stage (a side-by-side or chain device has one), the
     int8-weight file of each where export wrote one and ``use_int8`` asks for it."""
@@ -327,7 +332,7 @@ class Bundle:
                 raise ValueError(f"devices {skip} missing: a chain bundle (model parallelism) needs every device")
             x = images
             for [session] in self.device_stages:
-                x = session.run(None, {session.get_inputs()[0].name: x})[0]
+                x = run_model(session, x)
             return x
         return self.aggregate(self._run_devices(images, skip), batch_size=len(images))
 
@@ -344,9 +349,8 @@ class Bundle:
         for stages in self.device_stages:
             total, y = 0.0, x
             for session in stages:
-                feed = {session.get_inputs()[0].name: y}
-                total += median_ms(lambda s=session, f=feed: s.run(None, f), repeats)
-                y = session.run(None, feed)[0]
+                total += median_ms(lambda s=session, v=y: run_model(s, v), repeats)
+                y = run_model(session, y)
             times.append(total)
             if self.chain:
                 x = y
@@ -357,8 +361,7 @@ class Bundle:
         averages in its peer's message where the bundle exchanges (``average_channels``), as the runtime does."""
         maps: list[np.ndarray | None] = [None if i in skip else images for i in range(self.num_devices)]
         for s in range(len(self.device_stages[0])):
-            maps = [None if m is None else self.device_stages[i][s].run(None, {self.device_stages[i][s].get_inputs()[0].name: m})[0]
-                    for i, m in enumerate(maps)]
+            maps = [None if m is None else run_model(self.device_stages[i][s], m) for i, m in enumerate(maps)]
             exchange = self.exchanges.get(s)
             if exchange is not None:
                 sent = [None if m is None else exchange_message(m, exchange, self.transport_dtype) for m in maps]

@@ -25,6 +25,7 @@ from bundle.format import (
     model_images,
     read_manifest,
     reads,
+    run_model,
     writes,
 )
 from serve import defaults
@@ -150,8 +151,7 @@ class Device(Endpoint):
         """Run from ``stage`` until the answer is sent or an exchange has to wait for its peer (lock held)."""
         while True:
             start = time.perf_counter()
-            session = self.sessions[stage]
-            y = session.run(None, {session.get_inputs()[0].name: x})[0]
+            y = run_model(self.sessions[stage], x)
             self.compute_s += time.perf_counter() - start
             exchange = self.exchanges.get(stage)
             if exchange is None:
