@@ -62,14 +62,15 @@ class SepNN(Method):
             raise ValueError(f"method_options.sepnn.init = {opts['init']}: no such file; give a supernet checkpoint "
                              "(benchmarks/sepnn_search.py's supernet/best.ckpt) or null")
         policy = opts["policy"]
-        if isinstance(policy, str) and policy not in ("everywhere", "none") and not policy.endswith(".json"):
+        named = isinstance(policy, str) and (policy in ("everywhere", "none") or policy.endswith(".json"))
+        if policy is not None and not named and not isinstance(policy, dict):
             raise ValueError(f"method_options.sepnn.policy = {policy!r}: give a mapping of exchange points, "
                              "'everywhere', 'none', or a search record (.json) from benchmarks/sepnn_search.py")
-        if policy is not None and not isinstance(policy, (str, dict)):
-            raise ValueError(f"method_options.sepnn.policy = {policy!r}: give a mapping of exchange points, "
-                             "'everywhere', 'none', or a search record (.json)")
         if isinstance(policy, dict):
-            ExchangePolicy.from_dict(policy, num_points=_num_points(opts["depth"]), num_devices=opts["branches"])
+            try:
+                ExchangePolicy.from_dict(policy, num_points=_num_points(opts["depth"]), num_devices=opts["branches"])
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"method_options.sepnn.policy: {e}") from e
 
     def policy(self) -> ExchangePolicy:
         o = self.opts

@@ -57,6 +57,9 @@ class ExchangePolicy:
         map, fractions in (0, 1]. Errors name the point."""
         exchanges = {}
         for key, e in spec.items():
+            if not str(key).isdigit() or not isinstance(e, dict) or set(e) != {"route", "fraction"}:
+                raise ValueError(f"exchange point {key!r}: give a point number and {{route: [device per device], "
+                                 f"fraction: f}}, got {e!r}")
             point = int(key)
             if not 0 <= point < num_points:
                 raise ValueError(f"exchange point {point}: the branches have points 0..{num_points - 1}")

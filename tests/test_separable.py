@@ -61,6 +61,8 @@ def test_exchange_bytes_follow_the_maps_shapes(net):
     ({"5": {"route": [1, 0], "fraction": 0.5}}, "exchange point 5: the branches have points 0..1"),
     ({"0": {"route": [0, 1], "fraction": 0.5}}, "route \\[0, 1\\] must give each of the 2 devices one other"),
     ({"1": {"route": [1, 0], "fraction": 0}}, "fraction 0.0 must be in \\(0, 1\\]"),
+    ({"0": {"fraction": 0.5}}, "exchange point '0': give a point number and \\{route"),
+    ({"first": {"route": [1, 0], "fraction": 0.5}}, "exchange point 'first'"),
 ])
 def test_a_policy_by_hand_is_checked(spec, message):
     with pytest.raises(ValueError, match=message):
