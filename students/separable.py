@@ -114,7 +114,6 @@ class SeparableNet(nn.Module):
         self.out_width = branches[0].feature_channels
         self.aggregator = Aggregator([self.out_width] * num_devices, num_classes)
         self.num_devices = num_devices
-        self.num_classes = num_classes
         self.policy = ExchangePolicy()
 
     @property
