@@ -362,7 +362,10 @@ def test_the_sender_is_the_topic_not_the_header_and_vectors_open_no_request(bund
 def test_a_flood_from_one_credential_costs_only_its_own_messages(bundle: Path, broker, fleet: Fleet):
     """20,000 vectors for requests nobody sent, published as fast as paho can, from device_0's rights: the
     aggregator's inbox holds at most its share of them, answers none, and the real request sent into
-    the flood is answered with the bundle's logits (it waited 34.6 s behind an unbounded inbox before)."""
+    the flood is answered in time (it waited 34.6 s behind an unbounded inbox before). The flood shares
+    device_0's credential, so device_0's own vector may be the one dropped (a loaded CI machine did so):
+    then the answer says device 0 was filled and carries exactly the bundle's logits without it; no
+    other device is ever filled."""
     bundle_id = broker[2]
     source, rogue = _fleet_and_rogue(broker, fleet)
     key = wire.bundle_key(bundle_id)
@@ -379,8 +382,9 @@ def test_a_flood_from_one_credential_costs_only_its_own_messages(bundle: Path, b
         rogue.loop_stop()
         source.close()
         rogue.disconnect()
-    assert answer is not None and answer.flags == 0
-    np.testing.assert_allclose(answer.logits[0], Bundle.load(bundle, threads=1).predict(pixel)[0], atol=1e-5)
+    assert answer is not None and answer.flags in (0, 1), "only the flooded credential's device may be filled"
+    missing = [0] if answer.flags else []
+    np.testing.assert_allclose(answer.logits[0], Bundle.load(bundle, threads=1).predict(pixel, missing)[0], atol=1e-5)
     assert stats["aggregator"]["computed"] == 1, "nothing answered for the flood"
     dropped = stats["aggregator"]["dropped"]
     assert dropped.get("unsolicited", 0) + dropped.get("flood", 0) > 0, dropped
