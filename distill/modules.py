@@ -17,7 +17,9 @@ from students.separable import ExchangePolicy, SeparableNet
 from students.unified import UnifiedStudent
 
 PLAN_KEY = "method_plan"  # the checkpoint entry that holds what the weights were trained on
-SCHEDULES = ("cosine", "step")  # learning-rate schedules configure_optimizers builds
+# learning-rate schedules configure_optimizers builds: cosine and step change the rate once per epoch;
+# cosine_steps anneals it every optimiser step, so a run of one or two epochs still ends at rate 0
+SCHEDULES = ("cosine", "cosine_steps", "step")
 
 
 class _SupervisedModule(pl.LightningModule):
@@ -54,6 +56,10 @@ class _SupervisedModule(pl.LightningModule):
         opt = torch.optim.SGD(params, lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"],
                               nesterov=c["nesterov"] and c["momentum"] > 0)
         epochs = self.trainer.max_epochs
+        if c["schedule"] == "cosine_steps":
+            steps = max(1, int(self.trainer.estimated_stepping_batches))
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         if c["schedule"] == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         else:

@@ -78,7 +78,7 @@ DEFAULTS: dict[str, Any] = {
         "momentum": 0.9,
         "weight_decay": 5.0e-4,
         "nesterov": True,
-        "schedule": "cosine",        # cosine | step
+        "schedule": "cosine",        # cosine | cosine_steps | step
         "milestones": [0.5, 0.75],   # step schedule: fractions of the run at which lr drops 10x
     },
     "partition": {
