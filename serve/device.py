@@ -128,14 +128,22 @@ class Device(Endpoint):
         with self.lock:
             parked = self.parked.get(message.request)
             if parked is not None and parked.stage == stage:
-                if len(message.payload) != len(parked.fmap):
-                    raise WireError("malformed")
+                if not self._fits(message.payload, parked.fmap):
+                    return
                 del self.parked[message.request]
                 self._run(message.request, stage + 1, average_channels(parked.fmap, message.payload))
             elif message.request in self.finished or (parked is not None and parked.stage > stage):
                 self.dropped["late"] += 1
             else:
                 self._hold(message.request, stage, message.payload)
+
+    def _fits(self, payload: np.ndarray, fmap: np.ndarray) -> bool:
+        """A peer's message must carry the request's rows, whether it arrived at the exchange or was held
+        before it: one that does not is dropped as malformed, and the request waits on (lock held)."""
+        if len(payload) == len(fmap):
+            return True
+        self.dropped["malformed"] += 1
+        return False
 
     def _hold(self, request: int, stage: int, payload: np.ndarray) -> None:
         """A peer's message that came before this device reached the exchange: kept for one wait, a bounded
@@ -160,13 +168,10 @@ class Device(Endpoint):
             self.publish(self.exchange_topics[stage],
                          encode(KIND_DEVICE, self.key, request, sent, device=self.index), sent.nbytes)
             held = self.early.pop((request, stage), None)
-            if held is None:
+            if held is None or not self._fits(held[1], y):
                 self.parked[request] = Parked(stage, y, time.monotonic())
                 return
-            received = held[1] if len(held[1]) == len(y) else None
-            if received is None:
-                self.dropped["malformed"] += 1
-            x, stage = average_channels(y, received), stage + 1
+            x, stage = average_channels(y, held[1]), stage + 1
         self.computed += 1
         if self.exchanges:
             self.finished[request] = None
