@@ -132,6 +132,8 @@ def build_pool(folder: Path, key: dict, teacher: FeatureClassifier, images: torc
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".building", dir=folder.parent))
     try:
         teacher = teacher.eval()
+        if channels_last:  # as training will have it: a channels_last input into NCHW weights ran 1.4x slower
+            teacher = teacher.to(memory_format=torch.channels_last)
         probe = teacher.forward_features(images[:1].float().div(255))
         classes = teacher.fc.out_features
         out = {"params": np.lib.format.open_memmap(tmp / "params.npy", "w+", np.int16, (n, views, 3)),
@@ -152,9 +154,9 @@ def build_pool(folder: Path, key: dict, teacher: FeatureClassifier, images: torc
                     fmap = teacher.forward_features(x)
                     rows = slice(start, start + len(x))
                     out["params"][rows, v] = params.numpy()
-                    out["logits"][rows, v] = teacher.fc(fmap.mean(dim=(2, 3))).numpy()
-                    if select is not None:
-                        out["maps"][rows, v] = fmap.index_select(1, select).numpy()
+                    out["logits"][rows, v] = teacher.fc(fmap.mean(dim=(2, 3))).half().numpy()
+                    if select is not None:  # torch casts to fp16 contiguously, ~5x faster than numpy into the memmap
+                        out["maps"][rows, v] = fmap.index_select(1, select).half().contiguous().numpy()
                     bar.update(len(x))
         for array in out.values():
             array.flush()
