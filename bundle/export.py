@@ -103,11 +103,11 @@ def export_bundle(model: GatherModel, out_dir: Path, *, image_shape: tuple[int, 
             features = torch.cat([e(images) for e in encoders], dim=1)
         aggregator = _export_aggregator(model.aggregator, tmp, dtype, scales, features, opset, int8_weights)
         manifest = {
-            "schema_version": SCHEMA_VERSION, "format": FORMAT,
+            "schema_version": SCHEMA_VERSION, "format": FORMAT, "topology": "gather",
             "class_names": list(class_names), "num_classes": len(class_names),
             "input": _input_spec(image_shape),
             "transport": _transport_spec(transport, dtype, scales),
-            "devices": devices, "aggregator": aggregator,
+            "exchanges": [], "devices": devices, "aggregator": aggregator,
         }
         clash = sorted(set(extra or {}) & set(manifest))
         if clash:
@@ -137,12 +137,14 @@ def export_chain(segments: Sequence[nn.Module], out_dir: Path, *, image_shape: t
             with torch.no_grad():
                 y = segment(x)
             out_shape = list(y.shape[1:])
+            macs = count_macs(segment, tuple(x.shape[1:]))
             devices.append({"name": f"device_{i}", **files, **device_entries[i],
+                            "stages": [_one_stage(files, list(x.shape[1:]), out_shape, macs)],
                             "layers": getattr(segment, "layer_span", None),
                             "input": {"shape": list(x.shape[1:]), "dtype": "float32"},
                             "output_shape": out_shape, "output_width": int(np.prod(out_shape)),
                             "output_dtype": "float32", "params": count_params(segment),
-                            "weight_bytes": weight_bytes(segment), "macs": count_macs(segment, tuple(x.shape[1:])),
+                            "weight_bytes": weight_bytes(segment), "macs": macs,
                             "bytes_sent_per_inference": int(np.prod(out_shape)) * 4})
             x = y
         if devices[-1]["output_shape"] != [len(class_names)]:
@@ -151,7 +153,7 @@ def export_chain(segments: Sequence[nn.Module], out_dir: Path, *, image_shape: t
         manifest = {"schema_version": SCHEMA_VERSION, "format": FORMAT, "topology": "chain",
                     "class_names": list(class_names), "num_classes": len(class_names),
                     "input": _input_spec(image_shape), "transport": _transport_spec("fp32", "float32", None),
-                    "devices": devices, "aggregator": {"kind": "chain", "files": {}, "sha256": {}}}
+                    "exchanges": [], "devices": devices, "aggregator": {"kind": "chain", "files": {}, "sha256": {}}}
         manifest.update(extra or {})
         manifest["manifest_sha256"] = manifest_digest(manifest)
         write_json_atomic(tmp / "manifest.json", manifest)
@@ -322,11 +324,18 @@ def _export_device(wrapper: DeviceExport, name: str, root: Path, entries: dict,
                    image_shape: tuple[int, int, int], images: torch.Tensor, opset: int, int8_weights: bool) -> dict:
     device = wrapper.device
     files = _export_part(wrapper, root, name, images, ("images", "features"), opset, int8_weights)
+    macs = count_macs(device, image_shape)
     return {"name": name, **files, "input": _input_spec(image_shape), **entries,
+            "stages": [_one_stage(files, list(image_shape), [device.out_width], macs)],
             "output_width": device.out_width, "output_dtype": wrapper.dtype,
-            "params": count_params(device), "weight_bytes": weight_bytes(device),
-            "macs": count_macs(device, image_shape),
+            "params": count_params(device), "weight_bytes": weight_bytes(device), "macs": macs,
             "bytes_sent_per_inference": device.out_width * np.dtype(wrapper.dtype).itemsize}
+
+
+def _one_stage(part: dict, input_shape: list[int], output_shape: list[int], macs: int) -> dict:
+    """The ``stages`` list entry of a device that runs one model (side by side or in a chain): its files,
+    the shapes it maps between and its MACs, as each stage of a staged device is described."""
+    return {"files": part["files"], "input_shape": input_shape, "output_shape": output_shape, "macs": macs}
 
 
 def _export_aggregator(aggregator: Combiner, root: Path, dtype: str, scales: list[float] | None,

@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 3  # 2: manifest_sha256 over its own content; 3: aggregator kind and fill (any method)
+# 2: manifest_sha256 over its own content; 3: aggregator kind and fill (any method); 4: every bundle has a
+# topology (gather | chain | stages), exchanges, and each device its stages (one, unless staged)
+SCHEMA_VERSION = 4
 FORMAT = "nonn-bundle"
 TRANSPORTS = {"fp32": "float32", "fp16": "float16", "int8": "uint8"}  # transport name -> dtype on the wire
 SIGNATURE_FILE = "manifest.sig"  # Ed25519 signature of manifest.json's bytes (nonn export --sign KEY)
@@ -50,7 +52,8 @@ def read_manifest(path: str | Path, part: int | None = None, public_key: str | P
         raise BundleError(f"{manifest_path}: unreadable manifest ({e}); re-export the bundle") from e
     if manifest.get("format") != FORMAT or manifest.get("schema_version") != SCHEMA_VERSION:
         raise BundleError(f"{manifest_path}: format {manifest.get('format')!r} schema "
-                          f"{manifest.get('schema_version')!r}, this loader reads {FORMAT!r} schema {SCHEMA_VERSION}")
+                          f"{manifest.get('schema_version')!r}, this loader reads {FORMAT!r} schema {SCHEMA_VERSION}; "
+                          "re-export the bundle (nonn export --force)")
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise BundleError(f"{manifest_path}: content does not match its manifest_sha256 (edited after export?); "
                           "re-export the bundle")
@@ -154,15 +157,16 @@ def fill_vectors(manifest: dict) -> list[np.ndarray]:
 
 def is_chain(manifest: dict) -> bool:
     """A chain bundle (model parallelism): device i feeds device i+1 and the last returns the logits.
-    Otherwise the devices run side by side on the image and the aggregator combines their vectors."""
-    return manifest.get("topology", "parallel") == "chain"
+    Otherwise (``gather``, ``stages``) the devices run side by side on the image and the aggregator
+    combines their vectors."""
+    return manifest["topology"] == "chain"
 
 
 def exchanges(manifest: dict) -> dict[int, dict]:
     """A staged bundle's mid-network messages (SepNN), by the stage they follow: after stage ``s`` device
-    j averages into its map the first ``channels`` channels that device ``route[j]`` sends. A side-by-side
-    or chain bundle has one stage per device and none."""
-    return {int(e["after_stage"]): e for e in manifest.get("exchanges", [])}
+    j averages into its map the first ``channels`` channels that device ``route[j]`` sends. A gather or
+    chain bundle has one stage per device and none."""
+    return {int(e["after_stage"]): e for e in manifest["exchanges"]}
 
 
 def reads(manifest: dict, device: int) -> list[tuple]:
@@ -199,13 +203,14 @@ def run_model(session: Any, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def model_files(part: dict, use_int8: bool = False) -> list[str]:
-    """The ONNX files a part runs, in order: one per stage (a side-by-side or chain device has one), the
-    int8-weight file of each where export wrote one and ``use_int8`` asks for it."""
-    def pick(files: dict) -> str:
-        return files["onnx_int8"] if use_int8 and "onnx_int8" in files else files["onnx"]
+def onnx_file(files: dict, use_int8: bool = False) -> str:
+    """A model's ONNX file: the int8-weight one where export wrote one and ``use_int8`` asks for it."""
+    return files["onnx_int8"] if use_int8 and "onnx_int8" in files else files["onnx"]
 
-    return [pick(stage["files"]) for stage in part["stages"]] if "stages" in part else [pick(part["files"])]
+
+def model_files(device: dict, use_int8: bool = False) -> list[str]:
+    """The ONNX files a device runs, one per stage in order (a gather or chain device has one)."""
+    return [onnx_file(stage["files"], use_int8) for stage in device["stages"]]
 
 
 def check_missing(missing: Sequence[int], num_devices: int) -> list[int]:
@@ -290,7 +295,7 @@ class Bundle:
                                         providers=list(providers or ["CPUExecutionProvider"]))
 
         per_device = [model_files(d, use_int8) for d in manifest["devices"]]
-        aggregator = model_files(manifest["aggregator"], use_int8) if manifest["aggregator"]["files"] else []
+        aggregator = [onnx_file(manifest["aggregator"]["files"], use_int8)] if manifest["aggregator"]["files"] else []
         return cls(root, manifest, [[session(f) for f in files] for files in per_device],
                    session(aggregator[0]) if aggregator else None, [f for fs in per_device for f in fs] + aggregator)
 

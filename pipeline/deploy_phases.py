@@ -114,7 +114,7 @@ def measure_bundle(bundle_dir: Path, manifest: dict, fleet: Fleet, source_creden
             source.close()
         fleet.stop()
     return {"bundle": str(bundle_dir), "bundle_id": manifest["manifest_sha256"][:12], "devices": len(names) - 1,
-            "topology": "chain" if is_chain(manifest) else "parallel", "transport": manifest["transport"]["name"],
+            "topology": manifest["topology"], "transport": manifest["transport"]["name"],
             **_summary(source, measured, names, labels, options.window)}
 
 

@@ -61,15 +61,11 @@ def teacher_peak_memory(teacher: torch.nn.Module, image_shape: tuple[int, int, i
         return estimate_entry(path, "peak_memory").get("peak_memory")
 
 
-def part_costs(entry: dict, root: Path, int8_weights: bool, energy: EnergyModel, received: int, sent: int) -> dict:
+def part_costs(entry: dict, int8_weights: bool, energy: EnergyModel, received: int, sent: int) -> dict:
     """A bundle part's peak memory (of the model file it runs: int8 weights when used) and estimated
     energy per inference for its MACs and the bytes it receives and sends."""
-    has_int8 = any(k.endswith("onnx_int8") for k in entry["files"])  # a staged part names one per stage
-    key = "peak_memory_int8" if int8_weights and has_int8 else "peak_memory"
-    if key in entry or f"{key}_error" in entry:  # the export's estimate (None: it could not be made)
-        memory = entry.get(key)
-    else:  # a bundle exported before the estimate existed
-        memory = estimate_entry(root / entry["files"]["onnx_int8" if key.endswith("int8") else "onnx"], key).get(key)
+    int8 = int8_weights and any(k in entry for k in ("peak_memory_int8", "peak_memory_int8_error"))  # int8 files written
+    memory = entry.get("peak_memory_int8" if int8 else "peak_memory")  # the export's estimate; None: it could not be made
     return {"peak_memory": memory, "energy_uj": round(energy.joules(entry["macs"], received + sent) * 1e6, 3)}
 
 
@@ -127,7 +123,7 @@ def part_rows(manifest: dict, bundle: Bundle, export_dir: Path, int8_weights: bo
     devices = [{k: d[k] for k in ("name", "arch", "output_width", "params", "weight_bytes", "macs",
                                   "bytes_sent_per_inference")}
                | {"model_file": ", ".join(files), "model_file_bytes": sum((export_dir / f).stat().st_size for f in files)}
-               | part_costs(d, export_dir, int8_weights, energy, input_bytes(d), d["bytes_sent_per_inference"])
+               | part_costs(d, int8_weights, energy, input_bytes(d), d["bytes_sent_per_inference"])
                for d in manifest["devices"] for files in [model_files(d, int8_weights)]]
     # batch-1 time of each device's model, one thread: what a small device's single core would see (this CPU)
     latency = Bundle.load(export_dir, threads=1, use_int8=int8_weights).device_latency_ms(image)
@@ -137,7 +133,7 @@ def part_rows(manifest: dict, bundle: Bundle, export_dir: Path, int8_weights: bo
                   if k in manifest["aggregator"]}
     if not bundle.chain:  # the host receives every device's vector
         received = sum(d["bytes_sent_per_inference"] for d in devices)
-        aggregator |= part_costs(manifest["aggregator"], export_dir, int8_weights, energy, received, 0)
+        aggregator |= part_costs(manifest["aggregator"], int8_weights, energy, received, 0)
     return devices, aggregator
 
 
@@ -162,7 +158,7 @@ def evaluate_run(ctx: Context, tracker: Tracker) -> dict:
     sent = [d["bytes_sent_per_inference"] for d in devices]
     n = {
         "name": method.name, "label": method.label, "sends": method.sends, "num_devices": bundle.num_devices,
-        "topology": "chain" if bundle.chain else "stages" if bundle.staged else "gather", "transport": manifest["transport"]["name"],
+        "topology": manifest["topology"], "transport": manifest["transport"]["name"],
         "weights": "int8" if int8_weights else "fp32",
         "test_acc_bundle": _acc(bundle_pred, labels), "test_acc_pytorch": _acc(torch_logits.argmax(1), labels),
         "bundle_agreement": float((bundle_pred == torch_logits.argmax(1)).float().mean()),

@@ -97,6 +97,12 @@ def test_manifest_describes_transport(bundles, x, transport):
         assert v.shape == (3, width) and v.dtype == np.dtype(device["output_dtype"])
         assert device["params"] > 0 and device["macs"] > 0
     assert ("scales" in manifest["transport"]) == (transport == "int8")
+    # the one description every topology shares: a gather device is one stage, and nothing is exchanged
+    assert manifest["topology"] == "gather" and manifest["exchanges"] == []
+    for device, width in zip(manifest["devices"], WIDTHS):
+        [stage] = device["stages"]
+        assert stage["files"] == device["files"] and stage["macs"] == device["macs"]
+        assert stage["input_shape"] == list(IMAGE_SHAPE) and stage["output_shape"] == [width]
 
 
 @pytest.mark.parametrize("transport, atol", [("fp32", 1e-4), ("int8", 0.1)])

@@ -475,6 +475,9 @@ def test_chain_bundle_reproduces_the_model_and_needs_every_device(chain_bundle):
     np.testing.assert_allclose(bundle.predict(x.numpy()), expected, rtol=1e-4, atol=1e-4)
     first = bundle.manifest["devices"][0]
     assert bundle.manifest["topology"] == "chain" and first["output_width"] == int(np.prod(first["output_shape"]))
+    assert bundle.manifest["exchanges"] == [] and [len(d["stages"]) for d in bundle.manifest["devices"]] == [1, 1]
+    second = bundle.manifest["devices"][1]["stages"][0]  # a chain device's one stage maps its predecessor's map
+    assert second["input_shape"] == first["output_shape"] and second["output_shape"] == [len(CLASSES)]
     assert first["bytes_sent_per_inference"] == 4 * first["output_width"]
     with pytest.raises(ValueError, match="needs every device"):
         bundle.predict(x.numpy(), missing=[0])
