@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=3, default=[1, 28, 28], metavar=("C", "H", "W"))
     p.add_argument("--images", type=int, default=4096)
     p.add_argument("--views", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=512, help="the pipeline builds at data.eval_batch_size")
+    p.add_argument("--batch-size", type=int, default=128, help="the pipeline builds at data.batch_size")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
