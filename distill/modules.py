@@ -249,9 +249,11 @@ class NoNNModule(DistillModule):
         return [getattr(self, f"partition_{i}") for i in range(self.num_partitions)]
 
     def pool_filters(self) -> list[int] | None:
+        """Ascending, whatever the split: every partition of the same filters (another seed's Louvain
+        split, a random one, K=4) reads one pool instead of building its own."""
         if not any(loss.reads_maps for loss in self.losses.values()):
             return None
-        return [int(f) for p in self.partitions for f in p.tolist()]
+        return sorted({int(f) for p in self.partitions for f in p.tolist()})
 
     def _partitions_in(self, map_filters: list[int] | None) -> list[torch.Tensor]:
         """Each partition's channels in a teacher map that holds ``map_filters`` (None: all filters)."""

@@ -10,7 +10,7 @@ On disk (``<run>/teacher_pool/``, memory-mapped .npy files in float16):
 - ``params.npy``  int16 [N, V, 3]: (dy, dx, flip) of each view (see :func:`imagedata.augment.draw_views`);
 - ``logits.npy``  [N, V, classes];
 - ``maps.npy``    [N, V, F, h, w]: the final feature map restricted to the filters the losses read,
-  in the order the method lists them (NoNN: its partitions concatenated); absent when no loss reads maps;
+  in the order the key lists them (ascending for NoNN, whatever its split); absent when no loss reads maps;
 - ``key.json``    what the pool was built from (teacher sha256, data digest, filters, augmentation,
   seed, V) and every file's sha256. A pool whose key differs, or whose files fail their checksum or
   were cut short, is rebuilt, never reused.

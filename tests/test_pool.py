@@ -83,13 +83,16 @@ def test_batches_show_one_stored_view_per_image_and_vary_it_by_epoch(tmp_path: P
     assert not torch.equal(first, second)
 
 
-def test_nonn_losses_read_the_same_from_the_pool_as_from_the_live_teacher(tmp_path: Path, data):
+@pytest.mark.parametrize("partitions", [PARTITIONS, [[11, 2, 0], [7, 3, 9, 5]], [[3], [9, 0, 2, 11, 5, 7]]])
+def test_nonn_losses_read_the_same_from_the_pool_as_from_the_live_teacher(tmp_path: Path, data, partitions):
+    """Every split of the same filters asks for one pool (ascending filters), and reads its own
+    partitions' channels out of it; the pool here is even stored in yet another order (FILTERS)."""
     images, labels = data
     net = teacher()
-    student = UnifiedStudent.build(["wrn_10_1"], [3, 4], 1, 4, [0.5], [0.25], (4, 4))
+    student = UnifiedStudent.build(["wrn_10_1"], [len(p) for p in partitions], 1, 4, [0.5], [0.25], (4, 4))
     losses = {"kd": {"alpha": 0.9, "temperature": 4.0}, "filter_transfer_per_student": {"beta": 1.0e4}}
-    module = NoNNModule(net, student, PARTITIONS, losses, {}, 4).eval()  # eval: BN and dropout fixed
-    assert module.pool_filters() == FILTERS
+    module = NoNNModule(net, student, partitions, losses, {}, 4).eval()  # eval: BN and dropout fixed
+    assert module.pool_filters() == [0, 2, 3, 5, 7, 9, 11]
     pool = build(tmp_path / "pool", images, labels, net)
     x, y, pooled = next(iter(TensorBatches(images, labels, 16, padding=2, hflip=True, pool=pool)))
     module.log = module.log_dict = lambda *a, **k: None  # outside a Trainer
