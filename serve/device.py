@@ -89,7 +89,9 @@ class Device(Endpoint):
         self.exchange_wait_s = defaults.exchange_wait_ms(deadline_ms, len(self.exchanges)) / 1000.0
         self.map_shapes = {s: tuple(entry["stages"][s]["output_shape"]) for s in self.exchanges}
         self.parked: dict[int, Parked] = {}  # request -> waiting at an exchange
-        self.early: collections.OrderedDict[tuple[int, int], tuple[float, np.ndarray]] = collections.OrderedDict()
+        # (request, stage) -> (first arrival, every message for it so far): which one carries the request's rows is
+        # known only at the exchange
+        self.early: collections.OrderedDict[tuple[int, int], tuple[float, list[np.ndarray]]] = collections.OrderedDict()
         self.finished: collections.OrderedDict[int, None] = collections.OrderedDict()  # requests done, for late peers
         self.lock = threading.Lock()  # paho's thread (messages) and the serve loop (waits that expire) share state
         self.missed = 0  # exchanges that went on without the peer's message
@@ -147,13 +149,26 @@ class Device(Endpoint):
 
     def _hold(self, request: int, stage: int, payload: np.ndarray) -> None:
         """A peer's message that came before this device reached the exchange: kept for one wait, a bounded
-        number of them."""
-        if (request, stage) in self.early:
-            raise WireError("duplicate")
-        self.early[(request, stage)] = (time.monotonic(), payload)
-        while len(self.early) > EARLY_MESSAGES:
-            self.early.popitem(last=False)
-            self.dropped["unsolicited"] += 1
+        number of them. Every message for the exchange is kept, not only the first, so that one with the
+        wrong rows (from the peer's credential) cannot crowd out the real one that follows it."""
+        _, held = self.early.setdefault((request, stage), (time.monotonic(), []))
+        held.append(payload)
+        while sum(len(h) for _, h in self.early.values()) > EARLY_MESSAGES:
+            self.dropped["unsolicited"] += len(self.early.popitem(last=False)[1][1])
+
+    def _claim(self, request: int, stage: int, fmap: np.ndarray) -> np.ndarray | None:
+        """The held message for this exchange that carries the request's rows (the first, if several do:
+        the others are duplicates); None if none does (lock held)."""
+        _, held = self.early.pop((request, stage), (0.0, []))
+        claimed = None
+        for payload in held:
+            if not self._fits(payload, fmap):
+                continue
+            if claimed is None:
+                claimed = payload
+            else:
+                self.dropped["duplicate"] += 1
+        return claimed
 
     def _run(self, request: int, stage: int, x: np.ndarray) -> None:
         """Run from ``stage`` until the answer is sent or an exchange has to wait for its peer (lock held)."""
@@ -167,11 +182,11 @@ class Device(Endpoint):
             sent = exchange_message(y, exchange, self.dtype)
             self.publish(self.exchange_topics[stage],
                          encode(KIND_DEVICE, self.key, request, sent, device=self.index), sent.nbytes)
-            held = self.early.pop((request, stage), None)
-            if held is None or not self._fits(held[1], y):
+            received = self._claim(request, stage, y)
+            if received is None:
                 self.parked[request] = Parked(stage, y, time.monotonic())
                 return
-            x, stage = average_channels(y, held[1]), stage + 1
+            x, stage = average_channels(y, received), stage + 1
         self.computed += 1
         if self.exchanges:
             self.finished[request] = None
@@ -189,8 +204,7 @@ class Device(Endpoint):
                 self.missed += 1
                 self._run(request, parked.stage + 1, parked.fmap)
             while self.early and now - next(iter(self.early.values()))[0] >= self.exchange_wait_s:
-                self.early.popitem(last=False)
-                self.dropped["unsolicited"] += 1
+                self.dropped["unsolicited"] += len(self.early.popitem(last=False)[1][1])
 
     def serve(self) -> None:
         """Answer until SIGTERM/SIGINT; the network loop (and inference) runs in paho's thread, which

@@ -6,6 +6,7 @@ rejected credentials.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import torch
 import yaml
 
 from bundle.export import ExportFormat, export_bundle
-from bundle.format import Bundle, read_manifest
+from bundle.format import Bundle, exchange_message, model_images, read_manifest, run_model
 from pipeline.deploy import run_deploy
 from pipeline.deploy_phases import DeployOptions, stream_sequential
 from pipeline.fleet import HEALTH_CHECK_S, Fleet, Source
@@ -739,27 +740,49 @@ def staged_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_a_staged_device_drops_forged_and_malformed_peer_messages(staged_bundle: Path, tmp_path: Path):
-    """A second holder of device_0's credential may publish on dev/0/x0, as device_0 may: a message whose
-    header names another device is dropped as spoofed, garbage as malformed, and device_1 still averages
-    in the real device_0's channels, so the answer is the bundle's own."""
+@contextlib.contextmanager
+def _staged_fleet_and_rogue(staged_bundle: Path, tmp_path: Path):
+    """The staged bundle's fleet running behind a private broker, a source, and a rogue client holding
+    device_0's credential (which may publish on dev/0/x0, as device_0 may)."""
     server, credentials, bundle_id, process = _private_broker(staged_bundle, tmp_path / "broker")
     credentials["rogue"] = _add_rogue_account(tmp_path / "broker", Users.of(read_manifest(staged_bundle)[1]))
     process.terminate()
     process.wait(timeout=10)
     process = start_broker(tmp_path / "broker", server.port)  # reread the ACL and passwords with the rogue in
     fleet = Fleet(staged_bundle.resolve(), server, credentials, 1000.0, Link(), tmp_path)
-    key = wire.bundle_key(bundle_id)
-    manifest = read_manifest(staged_bundle)[1]
-    exchange = manifest["exchanges"][0]
-    shape = (exchange["channels"], *manifest["devices"][0]["stages"][0]["output_shape"][1:])
     try:
         started = time.perf_counter()
         for name in NAMES:
             fleet.start(name)
         source = _ready_source(server, credentials, bundle_id, started)
         rogue = connect(server, read_credentials(credentials["rogue"]), "rogue-device_0")
-        pixel = (images(1, seed=3).numpy() * 255).astype(np.uint8)
+        yield fleet, source, rogue, bundle_id
+        source.close()
+        rogue.disconnect()
+    finally:
+        fleet.stop()
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _device_1_dropped(source: Source, count: int) -> dict:
+    """device_1's stats once it has dropped ``count`` messages (they may still be on their way)."""
+    deadline = time.monotonic() + 10
+    while sum((stats := source.collect_stats(["device_1"])["device_1"])["dropped"].values()) < count:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.1)
+    return stats
+
+
+def test_a_staged_device_drops_forged_and_malformed_peer_messages(staged_bundle: Path, tmp_path: Path):
+    """A message on dev/0/x0 whose header names another device is dropped as spoofed, garbage as
+    malformed, and device_1 still averages in the real device_0's channels, so the answer is the bundle's own."""
+    key = wire.bundle_key(read_manifest(staged_bundle)[1]["manifest_sha256"][:12])
+    manifest = read_manifest(staged_bundle)[1]
+    exchange = manifest["exchanges"][0]
+    shape = (exchange["channels"], *manifest["devices"][0]["stages"][0]["output_shape"][1:])
+    pixel = (images(1, seed=3).numpy() * 255).astype(np.uint8)
+    with _staged_fleet_and_rogue(staged_bundle, tmp_path) as (fleet, source, rogue, bundle_id):
         request = source.next_request
         x0 = topic(bundle_id, "dev", 0, "x0")
         rogue.publish(x0, wire.encode(wire.KIND_DEVICE, key, request, np.ones((1, *shape), np.float16), device=1))
@@ -767,20 +790,42 @@ def test_a_staged_device_drops_forged_and_malformed_peer_messages(staged_bundle:
         rogue.loop(timeout=0.5)
         assert source.send(pixel) == request
         answer = source.wait(request, 10.0)
-        deadline = time.monotonic() + 10
-        while sum((stats := source.collect_stats(NAMES))["device_1"]["dropped"].values()) < 2:
-            assert time.monotonic() < deadline, stats["device_1"]
-            time.sleep(0.1)
+        stats = _device_1_dropped(source, 2)
+        everyone = source.collect_stats(NAMES)
         fleet.check_alive()
-        source.close()
-        rogue.disconnect()
-    finally:
-        fleet.stop()
-        process.terminate()
-        process.wait(timeout=10)
     assert answer is not None and answer.flags == 0
     np.testing.assert_allclose(answer.logits[0], Bundle.load(staged_bundle, threads=1).predict(pixel)[0], atol=1e-4)
-    assert stats["device_1"]["dropped"] == {"spoofed": 1, "malformed": 1}
-    assert stats["device_1"]["exchanges_missed"] == 0 and stats["device_0"]["exchanges_missed"] == 0
+    assert stats["dropped"] == {"spoofed": 1, "malformed": 1}
+    assert stats["exchanges_missed"] == 0 and everyone["device_0"]["exchanges_missed"] == 0
     # each device sent its half of 16 channels at 16 x 16 in fp16, then its 64-vector in fp16
-    assert stats["device_0"]["sent_payload_bytes"] == 8 * 16 * 16 * 2 + 64 * 2
+    assert everyone["device_0"]["sent_payload_bytes"] == 8 * 16 * 16 * 2 + 64 * 2
+
+
+def test_a_wrong_rows_message_held_early_does_not_crowd_out_the_right_one(staged_bundle: Path, tmp_path: Path):
+    """Before device_1 has the request it cannot know its rows, so it holds every early message for the
+    exchange. With device_0 down, the rogue sends one with 2 rows, then device_0's true channels: device_1
+    must average in the second (no exchange missed), and the answer is device_1's vector with that exchange
+    next to device_0's fill."""
+    manifest = read_manifest(staged_bundle)[1]
+    key = wire.bundle_key(manifest["manifest_sha256"][:12])
+    exchange = manifest["exchanges"][0]
+    shape = (exchange["channels"], *manifest["devices"][0]["stages"][0]["output_shape"][1:])
+    pixel = (images(1, seed=4).numpy() * 255).astype(np.uint8)
+    bundle = Bundle.load(staged_bundle, threads=1)
+    own = run_model(bundle.device_stages[0][0], model_images(pixel, IMAGE_SHAPE))
+    with _staged_fleet_and_rogue(staged_bundle, tmp_path) as (fleet, source, rogue, bundle_id):
+        fleet.kill("device_0")
+        request = source.next_request
+        x0 = topic(bundle_id, "dev", 0, "x0")
+        rogue.publish(x0, wire.encode(wire.KIND_DEVICE, key, request, np.ones((2, *shape), np.float16), device=0))
+        rogue.publish(x0, wire.encode(wire.KIND_DEVICE, key, request, exchange_message(own, exchange, np.float16),
+                                      device=0))
+        rogue.loop(timeout=0.5)
+        assert source.send(pixel) == request
+        answer = source.wait(request, 10.0)
+        stats = _device_1_dropped(source, 1)
+    assert stats["dropped"] == {"malformed": 1} and stats["exchanges_missed"] == 0
+    assert answer is not None and answer.flags == 1  # device_0's vector filled
+    np.testing.assert_allclose(answer.logits[0], bundle.aggregate([None, bundle.device_vectors(pixel)[1]])[0], atol=1e-4)
+    assert np.abs(answer.logits[0] - bundle.predict(pixel, missing=[0])[0]).max() > 1e-3, \
+        "the exchange changes device_1's vector, or this test could not tell"
