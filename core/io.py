@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,20 +67,23 @@ class RunLocked(RuntimeError):
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``<run_dir>/.lock`` (an OS file lock, so a dead holder never blocks anyone) while a command runs."""
+def file_lock(path: Path, on_busy: Callable[[str], None]) -> Iterator[None]:
+    """Hold an OS file lock on ``path`` (a dead holder, even one killed by SIGKILL, never blocks anyone); the
+    file names the holder's PID. If another process holds it, ``on_busy(its PID)`` runs first: it raises to
+    give up, or returns to wait for the lock."""
     import fcntl
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            busy = False
         except BlockingIOError:
+            busy = True
+        if busy:
             f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise RunLocked(f"{run_dir} is in use by another nonn process (PID {holder}); wait for it to finish "
-                            "or use another --run-dir") from None
+            on_busy(f.read().strip() or "unknown")
+            fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -91,6 +94,14 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             f.seek(0)
             f.truncate()
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_lock(run_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold ``<run_dir>/.lock`` while a command runs; a second command on the folder fails at once."""
+    def busy(holder: str) -> None:
+        raise RunLocked(f"{run_dir} is in use by another nonn process (PID {holder}); wait for it to finish "
+                        "or use another --run-dir")
+    return file_lock(run_dir / ".lock", busy)
 
 
 def swap_in(new: Path, target: Path) -> None:

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from core.io import sha256_file, write_json_atomic
+from core.io import file_lock, sha256_file, write_json_atomic
+from core.signals import sigterm_unwinds
 from imagedata.augment import apply_views, draw_views
 from students.networks import FeatureClassifier
 
@@ -176,13 +177,23 @@ def build_pool(folder: Path, key: dict, teacher: FeatureClassifier, images: torc
 
 def prepare_pool(folder: Path, key: dict, teacher: FeatureClassifier, images: torch.Tensor, batch_size: int,
                  channels_last: bool, progress: bool) -> TeacherPool:
-    """Reuse the pool in ``folder`` if it matches ``key``, else (re)build it, saying why."""
-    pool, why = open_pool(folder, key)
-    if pool is not None:
-        print(f"[nonn] teacher pool: reusing {folder} ({pool.views} views, {pool.nbytes() / 2**20:.0f} MiB)")
-        return pool
-    print(f"[nonn] teacher pool: building {folder} ({why}): {key['views']} views of {len(images)} images")
-    return build_pool(folder, key, teacher, images, batch_size, channels_last, progress)
+    """Reuse the pool in ``folder`` if it matches ``key``, else (re)build it, saying why. One process
+    builds a folder at a time: a second one waits for it and then reuses its pool (two rows started side by
+    side over one shared folder), and the builder that holds the lock removes what dead builders left."""
+    def busy(holder: str) -> None:
+        print(f"[nonn] teacher pool: waiting for PID {holder}, which is building {folder}")
+
+    with file_lock(folder.parent / f".{folder.name}.lock", busy):
+        pool, why = open_pool(folder, key)
+        if pool is not None:
+            print(f"[nonn] teacher pool: reusing {folder} ({pool.views} views, {pool.nbytes() / 2**20:.0f} MiB)")
+            return pool
+        for abandoned in folder.parent.glob(f".{folder.name}.*.building"):  # killed mid-build (even SIGKILL)
+            shutil.rmtree(abandoned, ignore_errors=True)
+            print(f"[nonn] teacher pool: removed {abandoned}, a build that was killed")
+        print(f"[nonn] teacher pool: building {folder} ({why}): {key['views']} views of {len(images)} images")
+        with sigterm_unwinds():  # a killed build removes its half-written folder (gigabytes on CIFAR-10)
+            return build_pool(folder, key, teacher, images, batch_size, channels_last, progress)
 
 
 def wait_for_pool(folder: Path, key: dict, timeout_s: float = 4 * 3600, poll_s: float = 2.0) -> TeacherPool:

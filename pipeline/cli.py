@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_deploy(args: argparse.Namespace) -> int:
-    from pipeline.deploy import Terminated, deploy_from_args  # torch: only for this command
+    from core.signals import Terminated
+    from pipeline.deploy import deploy_from_args  # torch: only for this command
 
     try:
         print(deploy_from_args(args))
@@ -138,6 +139,7 @@ def run_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from core.io import run_lock
+    from core.signals import Terminated
     from distill.ranks import is_worker
     from pipeline.config import ConfigError, load_config, run_dir_of
     from pipeline.context import Context
@@ -163,9 +165,9 @@ def run_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as e:
         print(f"nonn: error: {_describe(e, ctx.run_dir)}", file=sys.stderr)
         return 1
-    except (SIGTERMException, KeyboardInterrupt) as e:
+    except (SIGTERMException, Terminated, KeyboardInterrupt) as e:
         # Lightning turns SIGTERM into a SystemExit with code 0: an unfinished stage must not look finished
-        name = "SIGTERM" if isinstance(e, SIGTERMException) else "SIGINT"
+        name = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
         print(f"nonn: stopped by {name}; finished epochs are kept, rerun the same command to resume", file=sys.stderr)
         return 143 if name == "SIGTERM" else 130
     if args.command in ("run", "evaluate"):

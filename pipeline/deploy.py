@@ -11,17 +11,15 @@ that device missing, and it must rejoin. Writes ``deploy_report.json`` and ``dep
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from bundle.format import read_manifest
 from core.hardware import cpu_name
+from core.signals import sigterm_unwinds
 from imagedata.data import ImageDataModule
 from pipeline.config import load_config
 from pipeline.deploy_phases import DeployOptions, measure_bundle
@@ -106,24 +104,6 @@ def _check_options(options: DeployOptions, num_devices: int) -> None:
         raise ValueError(f"--window {options.window}: must be >= 1")
     if options.deadline_ms <= 0:
         raise ValueError(f"--deadline-ms {options.deadline_ms:g}: must be above 0")
-
-
-class Terminated(Exception):
-    """SIGTERM arrived during ``nonn deploy``."""
-
-
-@contextlib.contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """Turn SIGTERM into an exception, so that every ``finally`` stops the broker, devices and aggregator
-    it started, as SIGINT does (by default SIGTERM ends Python at once and leaves them running)."""
-    def handler(signum: int, frame: object) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def deploy_from_args(args: argparse.Namespace) -> str:

@@ -3,12 +3,18 @@ same thing from the pool as from the live teacher, and nothing stale or damaged 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from core.io import file_lock
+from core.signals import Terminated
 from distill.modules import NoNNModule
 from distill.pool import TeacherPool, open_pool, pool_key, prepare_pool
 from imagedata.augment import apply_views
@@ -176,7 +182,7 @@ def test_a_failed_build_leaves_no_pool_behind(tmp_path: Path, data, monkeypatch)
     monkeypatch.setattr(net, "forward_features", fail_late)
     with pytest.raises(RuntimeError, match="killed mid-build"):
         build(tmp_path / "pool", images, labels, net)
-    assert not (tmp_path / "pool").exists() and not list(tmp_path.glob(".pool.*"))
+    assert not (tmp_path / "pool").exists() and not list(tmp_path.glob(".pool.*.building"))
 
 
 @pytest.mark.parametrize("method,options", [
@@ -223,7 +229,8 @@ def test_runs_that_share_a_pool_folder_build_each_pool_once(tmp_path: Path, caps
         record = json.loads((tmp_path / f"kd{seed}" / "stages" / "distill.json").read_text())["results"]
         folders.append(record["teacher_pool"]["folder"])
     assert folders[0] == folders[1] and Path(folders[0]).parent == shared
-    assert [p.name for p in shared.iterdir()] == [Path(folders[0]).name], "one pool, no build folder left"
+    assert [p.name for p in shared.iterdir() if p.suffix != ".lock"] == [Path(folders[0]).name], \
+        "one pool, no build folder left"
     assert not (tmp_path / "kd0" / "teacher_pool").exists()
 
 
@@ -238,3 +245,56 @@ def test_moving_the_shared_pool_folder_leaves_the_distill_stage_up_to_date(tmp_p
     assert fingerprint(here, "distill") == fingerprint(there, "distill")
     other = Context(load_config(TINY, ["--distill.teacher_pool.views", "2"]), tmp_path / "run")
     assert fingerprint(here, "distill") != fingerprint(other, "distill")
+
+
+def test_sigterm_during_a_build_leaves_no_half_written_pool(tmp_path: Path, data, monkeypatch):
+    """A scheduler's SIGTERM mid-build: the build unwinds (its temporary folder removed) and says so with
+    Terminated, which ``nonn`` reports as 'stopped by SIGTERM'."""
+    images, labels = data
+    net = teacher()
+    calls = {"n": 0}
+    original = net.forward_features
+
+    def terminated_late(x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(x)
+    monkeypatch.setattr(net, "forward_features", terminated_late)
+    with pytest.raises(Terminated):
+        build(tmp_path / "pool", images, labels, net)
+    assert not (tmp_path / "pool").exists() and not list(tmp_path.glob(".pool.*.building"))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is put back"
+
+
+def test_a_build_that_was_killed_outright_is_cleared_by_the_next(tmp_path: Path, data, capsys):
+    """SIGKILL leaves the temporary folder behind: the next build of that pool removes it."""
+    images, labels = data
+    left = tmp_path / ".pool.k1ll3d.building"
+    left.mkdir()
+    (left / "maps.npy").write_bytes(b"\0" * 1000)
+    build(tmp_path / "pool", images, labels)
+    assert not left.exists() and f"removed {left}" in capsys.readouterr().out
+
+
+def test_a_second_builder_waits_for_the_first_and_reuses_its_pool(tmp_path: Path, data, capsys, monkeypatch):
+    """Two rows started side by side on one shared pool folder: the second waits on the folder's lock while
+    the first builds, then reuses the pool instead of building it again."""
+    import distill.pool
+
+    images, labels = data
+    build_pool = distill.pool.build_pool
+    monkeypatch.setattr(distill.pool, "build_pool", lambda *a, **k: pytest.fail("the waiting builder built too"))
+    folder, key = tmp_path / "pool", key_for(images, labels)
+    result = {}
+    with file_lock(tmp_path / ".pool.lock", lambda holder: None):  # this test is the first builder
+        second = threading.Thread(target=lambda: result.update(pool=build(folder, images, labels)))
+        second.start()
+        out = ""
+        while "waiting for PID" not in out:
+            assert second.is_alive(), out
+            time.sleep(0.05)
+            out += capsys.readouterr().out
+        build_pool(folder, key, teacher(), images, 16, False, False)
+    second.join(timeout=60)
+    assert "reusing" in capsys.readouterr().out and len(result["pool"]) == len(images)

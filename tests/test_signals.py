@@ -32,3 +32,17 @@ def test_sigterm_exits_non_zero_and_the_rerun_resumes(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "resuming from" in rerun.stdout
     assert (run_dir / "stages" / "teacher.json").exists()
+
+
+def test_sigterm_outside_the_trainer_is_reported_as_such(tmp_path, monkeypatch, capsys):
+    """A SIGTERM that a stage unwinds from itself (the teacher-pool build) exits 143 with the same message
+    as the Trainer's, not with a traceback."""
+    import pipeline.stages
+    from core.signals import Terminated
+    from pipeline.cli import main
+
+    def terminated(ctx, stage):
+        raise Terminated()
+    monkeypatch.setattr(pipeline.stages, "run_stage", terminated)
+    assert main(["distill", "--config", str(TINY), "--run-dir", str(tmp_path / "run")]) == 143
+    assert "nonn: stopped by SIGTERM; finished epochs are kept" in capsys.readouterr().err
