@@ -168,21 +168,31 @@ def test_a_damaged_pool_is_rebuilt_before_training_reads_it(tmp_path: Path, data
     assert "building" in capsys.readouterr().out
 
 
-def test_a_failed_build_leaves_no_pool_behind(tmp_path: Path, data, monkeypatch):
+def _interrupt(kind: str) -> None:
+    if kind == "error":
+        raise RuntimeError("killed mid-build")
+    os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler or `kill` sends it
+
+
+@pytest.mark.parametrize("kind,raised", [("error", RuntimeError), ("sigterm", Terminated)])
+def test_an_interrupted_build_leaves_no_pool_behind(tmp_path: Path, data, monkeypatch, kind: str, raised: type):
+    """An error or a SIGTERM mid-build: the build unwinds, its temporary folder removed (SIGTERM as
+    Terminated, which ``nonn`` reports as 'stopped by SIGTERM'), and the SIGTERM handler is put back."""
     images, labels = data
     net = teacher()
     calls = {"n": 0}
     original = net.forward_features
 
-    def fail_late(x):
+    def interrupted_late(x):
         calls["n"] += 1
-        if calls["n"] > 3:
-            raise RuntimeError("killed mid-build")
+        if calls["n"] == 3:
+            _interrupt(kind)
         return original(x)
-    monkeypatch.setattr(net, "forward_features", fail_late)
-    with pytest.raises(RuntimeError, match="killed mid-build"):
+    monkeypatch.setattr(net, "forward_features", interrupted_late)
+    with pytest.raises(raised):
         build(tmp_path / "pool", images, labels, net)
     assert not (tmp_path / "pool").exists() and not list(tmp_path.glob(".pool.*.building"))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 @pytest.mark.parametrize("method,options", [
@@ -245,26 +255,6 @@ def test_moving_the_shared_pool_folder_leaves_the_distill_stage_up_to_date(tmp_p
     assert fingerprint(here, "distill") == fingerprint(there, "distill")
     other = Context(load_config(TINY, ["--distill.teacher_pool.views", "2"]), tmp_path / "run")
     assert fingerprint(here, "distill") != fingerprint(other, "distill")
-
-
-def test_sigterm_during_a_build_leaves_no_half_written_pool(tmp_path: Path, data, monkeypatch):
-    """A scheduler's SIGTERM mid-build: the build unwinds (its temporary folder removed) and says so with
-    Terminated, which ``nonn`` reports as 'stopped by SIGTERM'."""
-    images, labels = data
-    net = teacher()
-    calls = {"n": 0}
-    original = net.forward_features
-
-    def terminated_late(x):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(x)
-    monkeypatch.setattr(net, "forward_features", terminated_late)
-    with pytest.raises(Terminated):
-        build(tmp_path / "pool", images, labels, net)
-    assert not (tmp_path / "pool").exists() and not list(tmp_path.glob(".pool.*.building"))
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is put back"
 
 
 def test_a_build_that_was_killed_outright_is_cleared_by_the_next(tmp_path: Path, data, capsys):
