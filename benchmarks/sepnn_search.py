@@ -6,8 +6,10 @@ accuracy and bytes per image, and keep the Pareto front. The test set is never r
         --epochs 8 --policies 48 --set teacher.checkpoint=benchmarks/teachers/fmnist-wrn_16_2.ckpt
 
 Writes ``RUN/sepnn_search.json`` (every ranked policy, the front, the machine, the command) and
-``RUN/sepnn_search.png``; ``--out`` copies the record (e.g. into benchmarks/results/sepnn/). The
-supernet trains with the pipeline's own fit (best/last checkpoints, resumes when rerun).
+``RUN/sepnn_search.png``; ``--out`` copies the record (e.g. into benchmarks/results/sepnn/), and
+``--supernet-out`` writes the supernet's best weights alone (what ``method_options.sepnn.init`` reads to
+fine-tune the chosen policy; a few hundred KB instead of the training checkpoint). The supernet trains
+with the pipeline's own fit (best/last checkpoints, resumes when rerun).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.rows import git_commit, hardware  # noqa: E402
-from core.io import write_json_atomic  # noqa: E402
+from core.io import atomic_path, write_json_atomic  # noqa: E402
 from distill.losses import build_losses  # noqa: E402
 from distill.modules import SeparableModule  # noqa: E402
 from distill.tracking import Tracker  # noqa: E402
@@ -50,6 +52,14 @@ def candidate_policies(num_points: int, num_devices: int, sampled: int, seed: in
             seen.add(key)
             out.append(policy)
     return out
+
+
+def write_supernet(checkpoint: dict, path: Path) -> None:
+    """The branches' and classifier's weights of a supernet checkpoint (``model.*``), in the form
+    ``methods.sepnn.start_from`` reads; written whole or not at all."""
+    weights = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": weights, "epoch": checkpoint["epoch"]}, tmp)
 
 
 def plot(rows: list[dict], front: list[dict], path: Path, title: str) -> None:
@@ -85,6 +95,8 @@ def main() -> None:
                         "statistics are measured on before it is scored (0: the supernet's mixed statistics)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", type=Path, default=None, help="also copy the record here")
+    parser.add_argument("--supernet-out", type=Path, default=None,
+                        help="write the supernet's best weights here, for method_options.sepnn.init")
     args = parser.parse_args()
     quiet_known_noise()
     overrides = [f"--{kv.split('=', 1)[0]}={kv.split('=', 1)[1]}" for kv in args.set]
@@ -105,7 +117,10 @@ def main() -> None:
     epochs = args.epochs or config["distill"]["epochs"]
     _, checkpoint, _ = fit(ctx, args.run_dir / "supernet", module, dm, epochs, Tracker(config, args.run_dir, "distill"),
                            "distill")
-    module.load_state_dict(torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"])
+    best = torch.load(checkpoint.best_model_path, weights_only=True)
+    module.load_state_dict(best["state_dict"])
+    if args.supernet_out is not None:
+        write_supernet(best, args.supernet_out)
     policies = candidate_policies(net.num_points, args.devices, args.policies, config["seed"])
     val_images, val_labels = dm.val[0].float().div(255.0), dm.val[1]
     calibration = dm.train[0][:args.calibration].float().div(255.0) if args.calibration else None

@@ -112,6 +112,7 @@ def test_the_supernet_trains_on_random_policies_and_every_policy_can_then_be_ran
 def test_fine_tuning_starts_from_a_supernet_checkpoint_of_the_same_branches_only(tmp_path):
     import pytorch_lightning as pl
 
+    from benchmarks.sepnn_search import write_supernet
     from distill.modules import SeparableModule
     from methods.sepnn import start_from
 
@@ -128,6 +129,12 @@ def test_fine_tuning_starts_from_a_supernet_checkpoint_of_the_same_branches_only
     fresh = SeparableNet(2, 10, 1, 1, 4, [0.5], [0.25])
     start_from(fresh, tmp_path / "supernet.ckpt")
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
+    # sepnn_search.py --supernet-out: the weights alone, read the same way
+    write_supernet(torch.load(tmp_path / "supernet.ckpt", weights_only=True), tmp_path / "compact.ckpt")
+    assert (tmp_path / "compact.ckpt").stat().st_size < (tmp_path / "supernet.ckpt").stat().st_size
+    again = SeparableNet(2, 10, 1, 1, 4, [0.5], [0.25])
+    start_from(again, tmp_path / "compact.ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), net.state_dict().values()))
     with pytest.raises(ValueError, match="supernet.ckpt: its weights are not these branches'"):
         start_from(SeparableNet(3, 10, 1, 1, 4, [0.5], [0.25]), tmp_path / "supernet.ckpt")
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
