@@ -83,7 +83,7 @@ def test_the_teacher_pool_under_ddp_is_built_once_and_read_by_every_rank(ddp_run
     assert done.stdout.count("teacher pool: building") == 1, "rank 0 builds; the worker waits and reads"
     record = json.loads((run_dir / "stages" / "distill.json").read_text())["results"]
     assert record["teacher_pool"]["views"] == 2
-    assert not list(run_dir.glob(".teacher_pool.*")), "no half-built pool left behind"
+    assert not list(run_dir.glob(".teacher_pool.*.building")), "no half-built pool left behind"
     config = load_config(TINY)
     per_rank_steps = ((config["data"]["synthetic"]["train_size"] - config["data"]["val_size"]) // 2) // \
         config["data"]["batch_size"]
