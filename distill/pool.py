@@ -124,17 +124,24 @@ def open_pool(folder: Path, key: dict) -> tuple[TeacherPool | None, str]:
     return TeacherPool(folder, arrays["params"], arrays["logits"], arrays.get("maps"), key["filters"]), ""
 
 
-@torch.inference_mode()
 def build_pool(folder: Path, key: dict, teacher: FeatureClassifier, images: torch.Tensor, batch_size: int,
                channels_last: bool, progress: bool) -> TeacherPool:
     """Run the teacher over V seeded views of every image; the folder appears only once complete."""
+    teacher = teacher.eval()
+    if channels_last:  # as training will have it: a channels_last input into NCHW weights ran 1.4x slower
+        # outside inference mode: converted there, the teacher's tensors would become inference tensors, and
+        # loading a checkpoint into the module (the test pass reloads the best one) would fail
+        teacher = teacher.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return _build(folder, key, teacher, images, batch_size, channels_last, progress)
+
+
+def _build(folder: Path, key: dict, teacher: FeatureClassifier, images: torch.Tensor, batch_size: int,
+           channels_last: bool, progress: bool) -> TeacherPool:
     n, views, filters = len(images), key["views"], key["filters"]
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".building", dir=folder.parent))
     try:
-        teacher = teacher.eval()
-        if channels_last:  # as training will have it: a channels_last input into NCHW weights ran 1.4x slower
-            teacher = teacher.to(memory_format=torch.channels_last)
         probe = teacher.forward_features(images[:1].float().div(255))
         classes = teacher.fc.out_features
         out = {"params": np.lib.format.open_memmap(tmp / "params.npy", "w+", np.int16, (n, views, 3)),

@@ -197,6 +197,9 @@ def test_an_interrupted_build_leaves_no_pool_behind(tmp_path: Path, data, monkey
 
 @pytest.mark.parametrize("method,options", [
     ("nonn", []),
+    # colour images: the teacher's 4-d buffers are really converted to channels_last, and reloading the best
+    # checkpoint for the test pass must still be possible (the build once made them inference tensors)
+    ("nonn", ["--data.synthetic.channels", "3"]),
     ("vp", ["--distill.losses", "{kd: {}}", "--method_options.vp",
             "{variants: [{arch: wrn_10_1, scale: 1.0}, {arch: wrn_10_1, scale: 0.75}], top_k: 2}"]),
     ("cp", ["--distill.losses", "{kd: {}}", "--method_options.cp", "{groups: 2}"]),
