@@ -256,9 +256,12 @@ def per_host(rs: list[dict], value, fmt: str, unit: str = "") -> str:
 
 def epoch_seconds(rs: list[dict]) -> str:
     """Training wall time per epoch (fit only: no partition, export or evaluation), over the epochs the
-    last invocation trained (a resumed row trained fewer)."""
-    return per_host(rs, lambda r: r["distill"]["fit_seconds"] / r["distill"].get("fit_epochs", r["distill"]["epochs"]),
-                    ".0f", " s")
+    last invocation trained (a resumed row trained fewer; one resumed after its training ended trained
+    none and has no time to give)."""
+    def per_epoch(r: dict) -> float | None:
+        epochs = r["distill"].get("fit_epochs", r["distill"]["epochs"])
+        return r["distill"]["fit_seconds"] / epochs if epochs else None
+    return per_host(rs, per_epoch, ".0f", " s")
 
 
 def sweep_table(spec: dict, table: str) -> list[str]:

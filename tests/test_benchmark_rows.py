@@ -144,6 +144,8 @@ def test_cells_average_only_like_machines():
           {"hardware": gpu, "distill": {"fit_seconds": 150.0, "epochs": 15}}]
     assert rows.epoch_seconds(rs) == "30 s (CPU), 10 s (H100 host)"
     assert rows.epoch_seconds(rs[:1]) == "30 s"
+    resumed = {"hardware": cpu, "distill": {"fit_seconds": 0.4, "epochs": 15, "fit_epochs": 0}}  # after training
+    assert rows.epoch_seconds([rs[0], resumed]) == "30 s" and rows.epoch_seconds([resumed]) == "-"
 
 
 def test_refresh_costs_adds_the_summary_only_where_the_run_folder_evaluates_the_same(tmp_path, monkeypatch):
