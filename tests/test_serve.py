@@ -93,8 +93,13 @@ def _add_rogue_account(folder: Path, users: Users) -> Path:
 
 @pytest.fixture
 def fleet(bundle: Path, broker, tmp_path: Path):
+    yield from _stopped_after(bundle, broker, tmp_path, 50.0)
+
+
+def _stopped_after(bundle: Path, broker, tmp_path: Path, deadline_ms: float):
+    """A fleet for the bundle behind ``broker`` at ``deadline_ms``, stopped when the test ends."""
     server, credentials, _ = broker
-    running = Fleet(bundle.resolve(), server, credentials, 50.0, Link(), tmp_path)
+    running = Fleet(bundle.resolve(), server, credentials, deadline_ms, Link(), tmp_path)
     yield running
     running.stop()
 
@@ -364,10 +369,7 @@ def test_the_sender_is_the_topic_not_the_header_and_vectors_open_no_request(bund
 def patient_fleet(bundle: Path, broker, tmp_path: Path):
     """As ``fleet``, with a 1 s deadline: on a machine loaded by other work, device_1 can need more than
     50 ms to answer while the broker forwards a flood, which is lateness, not what a test is about."""
-    server, credentials, _ = broker
-    running = Fleet(bundle.resolve(), server, credentials, 1000.0, Link(), tmp_path)
-    yield running
-    running.stop()
+    yield from _stopped_after(bundle, broker, tmp_path, 1000.0)
 
 
 def test_a_flood_from_one_credential_costs_only_its_own_messages(bundle: Path, broker, patient_fleet: Fleet):
