@@ -1,7 +1,10 @@
 """What the distillation step's remaining speed options buy on this machine: the teacher's share of a
-NoNN K=2 step, the step under torch.compile, and the teacher's forward in bf16 autocast.
+NoNN K=2 step, the step under torch.compile, the teacher's forward in bf16 autocast, and the two
+students' backbones run as one grouped network (each convolution with groups=K: the same arithmetic in
+half the operator calls).
 
     python benchmarks/bench_step_options.py [--steps 20]
+    python benchmarks/bench_step_options.py --grouped [--steps 10]   # the grouped students alone
 
 Standard sizes (WRN-16-2 teacher, 2 x WRN-10-1 students, batch 128, Fashion-MNIST shape, channels_last),
 random data: the step's cost does not depend on the pixels. Median over ``--steps`` after warm-up.
@@ -9,11 +12,13 @@ random data: the step's cost does not depend on the pixels. Median over ``--step
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from core.hardware import cpu_name
 from distill.losses import DistillBatch, build_losses
@@ -77,10 +82,62 @@ def nonn_step(compiled: bool) -> tuple[Callable[[], None], Callable[[bool], torc
     return step, teacher_only
 
 
+def grouped(backbone: nn.Module, k: int) -> nn.Module:
+    """``backbone`` widened k times with every convolution grouped k ways: k independent copies of it in
+    one network, fed the input repeated k times along channels."""
+    fused = copy.deepcopy(backbone)
+    for module in list(fused.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Conv2d):
+                setattr(module, name, nn.Conv2d(child.in_channels * k, child.out_channels * k, child.kernel_size,
+                                                child.stride, child.padding, bias=False, groups=child.groups * k))
+            elif isinstance(child, nn.BatchNorm2d):
+                setattr(module, name, nn.BatchNorm2d(child.num_features * k))
+    return fused
+
+
+def backbone_steps(shape: tuple[int, int, int], k: int = 2) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Forward and backward through k WRN-10-1 backbones one after another, and through the same k as one
+    grouped network, on images of ``shape``."""
+    torch.manual_seed(0)
+    stats = [0.5] * shape[0]
+    backbones = [build_model("wrn_10_1", shape[0], 0, stats, stats).to(memory_format=torch.channels_last)
+                 for _ in range(k)]
+    fused = grouped(backbones[0], k).to(memory_format=torch.channels_last)
+    x = torch.rand(BATCH, *shape).contiguous(memory_format=torch.channels_last)
+
+    def separate() -> None:
+        torch.stack([b.forward_features(x).square().mean() for b in backbones]).sum().backward()
+
+    def one_grouped() -> None:
+        fused.body(fused.normalize(x).repeat(1, k, 1, 1)).square().mean().backward()
+
+    return separate, one_grouped
+
+
+def grouped_table(steps: int, repeats: int = 2) -> None:
+    """Separate / grouped time ratio for both input shapes at 1 and 2 threads, each measured ``repeats``
+    times, alternating the two ways (a ratio over 1: the grouped network is faster)."""
+    print(f"{cpu_name()}, torch {torch.__version__}, batch {BATCH}, 2 x WRN-10-1 forward + backward\n")
+    print("| input | 1 thread | 2 threads |\n|---|---|---|")
+    for shape in ((1, 28, 28), (3, 32, 32)):
+        cells = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            separate, one_grouped = backbone_steps(shape)
+            ratios = [median_ms(separate, steps)[1] / median_ms(one_grouped, steps)[1] for _ in range(repeats)]
+            cells.append(", ".join(f"{r:.2f}" for r in ratios))
+        print(f"| {' x '.join(map(str, shape))} | {' | '.join(cells)} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--grouped", action="store_true", help="only the grouped-students table")
     args = parser.parse_args()
+    if args.grouped:
+        grouped_table(args.steps)
+        return
     step, teacher_only = nonn_step(compiled=False)
     _, eager = median_ms(step, args.steps)
     _, fp32 = median_ms(lambda: teacher_only(False), args.steps)
@@ -88,14 +145,20 @@ def main() -> None:
     error = float((teacher_only(True).float() - teacher_only(False)).norm() / teacher_only(False).norm())
     compiled_step, _ = nonn_step(compiled=True)
     warm, compiled = median_ms(compiled_step, args.steps)
+    separate, one_grouped = backbone_steps(SHAPE)
+    _, apart = median_ms(separate, args.steps)
+    _, together = median_ms(one_grouped, args.steps)
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch {BATCH}\n")
     print("| what | ms per batch | images/s |\n|---|---|---|")
     for label, ms in (("NoNN K=2 step, eager fp32", eager), ("teacher forward alone, fp32", fp32),
                       (f"teacher forward alone, bf16 autocast (relative error of its map {error:.1e})", bf16),
-                      (f"NoNN K=2 step, torch.compile (warm-up {warm:.0f} s)", compiled)):
+                      (f"NoNN K=2 step, torch.compile (warm-up {warm:.0f} s)", compiled),
+                      ("2 student backbones, forward + backward, one after another", apart),
+                      ("2 student backbones, forward + backward, as one grouped network", together)):
         print(f"| {label} | {ms:.0f} | {BATCH / ms * 1e3:,.0f} |")
     print(f"\nThe teacher's forward is {fp32 / eager:.0%} of the eager step; torch.compile changes the step "
-          f"{eager / compiled:.2f}x; bf16 changes the teacher's forward {fp32 / bf16:.2f}x.")
+          f"{eager / compiled:.2f}x; bf16 changes the teacher's forward {fp32 / bf16:.2f}x; one grouped "
+          f"network changes the students' backbones {apart / together:.2f}x.")
 
 
 if __name__ == "__main__":
