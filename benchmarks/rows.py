@@ -238,7 +238,10 @@ def pct(values: list[float]) -> str:
 
 
 def losses_text(config: dict) -> str:
-    return ", ".join(f"{name} {' '.join(f'{k}={v:g}' for k, v in (opts or {}).items())}".strip()
+    """The losses and their options in a few words: numbers short (1e+04), names as they are (cosine)."""
+    def value(v: object) -> str:
+        return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+    return ", ".join(f"{name} {' '.join(f'{k}={value(v)}' for k, v in (opts or {}).items())}".strip()
                      for name, opts in config["distill"]["losses"].items())
 
 

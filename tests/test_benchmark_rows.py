@@ -138,6 +138,14 @@ def test_set_without_a_value_is_refused_in_one_line():
         rows.parse_sets(["trainer.num_threads"])
 
 
+def test_losses_text_writes_numbers_short_and_names_as_they_are():
+    config = {"distill": {"losses": {"kd": {"alpha": 0.9, "temperature": 4.0},
+                                     "filter_transfer_per_student": {"beta": 10000.0, "schedule": "cosine"},
+                                     "ce": None}}}
+    assert rows.losses_text(config) == ("kd alpha=0.9 temperature=4, "
+                                        "filter_transfer_per_student beta=10000 schedule=cosine, ce")
+
+
 def test_cells_average_only_like_machines():
     cpu, gpu = {"cpu": "X", "cpu_cores": 2}, {"cpu": "X", "cpu_cores": 16, "gpu": "NVIDIA H100 80GB HBM3"}
     rs = [{"hardware": cpu, "distill": {"fit_seconds": 300.0, "epochs": 15, "fit_epochs": 10}},
