@@ -3,6 +3,7 @@
     python benchmarks/rows.py run TABLE [--rows A,B] [--seeds 0,1,2] [--work DIR] [--force]
                                         [--parallel N] [--set KEY=VALUE ...]
     python benchmarks/rows.py tables                      # rewrite the tables in benchmarks/README.md
+    python benchmarks/rows.py pending [TABLE ...]         # the declared rows with no record yet
     python benchmarks/rows.py refresh-costs TABLE [--work DIR]   # peak memory and energy for older records
 
 Rows and tables are declared in ``benchmarks/rows.yaml``. A row is ``nonn`` on one config with its
@@ -145,10 +146,10 @@ def run_one(spec: dict, table: str, row: str, seed: int, work: Path, extra: dict
     return True
 
 
-def run_rows(table: str, rows: list[str] | None, seeds: list[int] | None, work: Path, force: bool,
-             parallel: int = 1, extra: dict | None = None) -> bool:
-    """Run the rows that have no record yet, ``parallel`` at a time; True when none failed."""
-    spec = load_spec()
+def pending_rows(spec: dict, table: str, rows: list[str] | None, seeds: list[int] | None, force: bool,
+                 verbose: bool = True) -> list[tuple[str, int]]:
+    """The (row, seed) pairs of ``table`` still to run: declared (or asked for), not ``same_as``, and without
+    a record unless ``force``."""
     if table not in spec["tables"]:
         sys.exit(f"rows.py: unknown table {table!r}; {SPEC} has: {', '.join(spec['tables'])}")
     t = spec["tables"][table]
@@ -157,14 +158,44 @@ def run_rows(table: str, rows: list[str] | None, seeds: list[int] | None, work: 
         if row not in t["rows"]:
             sys.exit(f"rows.py: table {table!r} has no row {row!r}; it has: {', '.join(t['rows'])}")
         if t["rows"][row].get("same_as"):
-            say(f"{table}/{row}: the records of {t['rows'][row]['same_as']} (same experiment); not run here")
+            if verbose:
+                say(f"{table}/{row}: the records of {t['rows'][row]['same_as']} (same experiment); not run here")
             continue
         for seed in seeds if seeds is not None else t["rows"][row].get("seeds", [0]):
             out = record_path(table, row, seed)
             if out.exists() and not force:
-                say(f"{table}/{row} seed {seed}: recorded in {out.relative_to(ROOT)}")
+                if verbose:
+                    say(f"{table}/{row} seed {seed}: recorded in {out.relative_to(ROOT)}")
             else:
                 pending.append((row, seed))
+    return pending
+
+
+def print_pending(tables: list[str]) -> int:
+    """Print, per table, the declared rows that have no record yet and the command that runs them; returns
+    how many (row, seed) pairs are pending."""
+    spec = load_spec()
+    total = 0
+    for table in tables or list(spec["tables"]):
+        pending = pending_rows(spec, table, None, None, force=False, verbose=False)
+        total += len(pending)
+        if not pending:
+            print(f"{table}: every declared row has its records")
+            continue
+        by_row: dict[str, list[int]] = {}
+        for row, seed in pending:
+            by_row.setdefault(row, []).append(seed)
+        print(f"{table}: {len(pending)} pending")
+        for row, row_seeds in by_row.items():
+            print(f"  python benchmarks/rows.py run {table} --rows {row} --seeds {','.join(map(str, row_seeds))}")
+    return total
+
+
+def run_rows(table: str, rows: list[str] | None, seeds: list[int] | None, work: Path, force: bool,
+             parallel: int = 1, extra: dict | None = None) -> bool:
+    """Run the rows that have no record yet, ``parallel`` at a time; True when none failed."""
+    spec = load_spec()
+    pending = pending_rows(spec, table, rows, seeds, force)
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         results = list(pool.map(lambda rs: run_one(spec, table, *rs, work, extra or {}), pending))
     return all(results)
@@ -385,6 +416,9 @@ def main() -> None:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="an override for every row of this invocation, e.g. trainer.num_threads=2")
     sub.add_parser("tables", help="rewrite the tables in benchmarks/README.md from the records")
+    status = sub.add_parser("pending", help="list the declared rows that have no record yet, with the command "
+                            "that runs each")
+    status.add_argument("tables", nargs="*", help="tables to list (default: all)")
     refresh = sub.add_parser("refresh-costs", help="add peak memory and energy to older records of TABLE by "
                              "evaluating their run folders again (nothing is trained)")
     refresh.add_argument("table")
@@ -395,6 +429,8 @@ def main() -> None:
                       [int(s) for s in args.seeds.split(",")] if args.seeds else None, args.work, args.force,
                       args.parallel, parse_sets(args.set))
         sys.exit(0 if ok else 1)
+    elif args.command == "pending":
+        print_pending(args.tables)
     elif args.command == "refresh-costs":
         say(f"{refresh_costs(args.table, args.work)} record(s) of {args.table} refreshed")
     else:

@@ -133,6 +133,28 @@ def test_parallel_runs_every_pending_row_once_with_the_extra_overrides(tmp_path,
     assert sorted(ran) == [(r, s, {"trainer.num_threads": 2}) for r in ("kd_total", "nonn_k2") for s in (0, 1)]
 
 
+def test_pending_lists_each_declared_seed_without_a_record_and_skips_same_as_rows(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rows, "RESULTS", tmp_path / "results")
+    spec = {"tables": {
+        "methods": {"kind": "methods", "rows": {"kd": {"label": "KD", "config": "c.yaml", "seeds": [0, 1, 2]},
+                                                "lcp": {"label": "LCP", "config": "c.yaml"}}},
+        "comparison": {"kind": "comparison", "rows": {
+            "single_kd": {"label": "single KD", "config": "c.yaml", "same_as": "methods/kd"}}}}}
+    monkeypatch.setattr(rows, "load_spec", lambda: spec)
+    for seed in (0, 2):
+        path = rows.record_path("methods", "kd", seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"row": "kd", "seed": seed, "test_acc": 0.9}))
+    assert rows.print_pending([]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["methods: 2 pending",
+                   "  python benchmarks/rows.py run methods --rows kd --seeds 1",
+                   "  python benchmarks/rows.py run methods --rows lcp --seeds 0",
+                   "comparison: every declared row has its records"]
+    with pytest.raises(SystemExit, match="unknown table 'nope'"):
+        rows.print_pending(["nope"])
+
+
 def test_set_without_a_value_is_refused_in_one_line():
     with pytest.raises(SystemExit, match="--set 'trainer.num_threads': expected KEY=VALUE"):
         rows.parse_sets(["trainer.num_threads"])
