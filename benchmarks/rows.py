@@ -276,36 +276,51 @@ def losses_text(config: dict) -> str:
                      for name, opts in config["distill"]["losses"].items())
 
 
-def host(record: dict) -> str:
-    """The machine a row ran on, in a word or two: "CPU", or the GPU host ("H100 host"); the table's
-    hardware line names each in full."""
-    gpu = record["hardware"].get("gpu")
-    return f"{gpu.removeprefix('NVIDIA ').split()[0]} host" if gpu else "CPU"
+def machine(record: dict) -> str:
+    """The machine a row ran on, in a few words: the GPU host ("H100 host"), or the CPU with its vector
+    capability ("AMD EPYC AVX2"): one CPU name has stood for machines twice as fast as each other."""
+    hw = record["hardware"]
+    if hw.get("gpu"):
+        return f"{hw['gpu'].removeprefix('NVIDIA ').split()[0]} host"
+    cpu = " ".join(w for w in hw["cpu"].replace("(R)", "").replace("(TM)", "").split() if w not in ("Processor", "CPU"))
+    return " ".join(filter(None, (cpu, hw.get("cpu_capability"))))
 
 
-def per_host(rs: list[dict], value, fmt: str, unit: str = "") -> str:
+def one_machine(table: str) -> bool:
+    """Whether every record of ``table`` ran on one machine (then its cells need not name it)."""
+    return len({machine(r) for rs in records(table).values() for r in rs}) <= 1
+
+
+def host(record: dict, alone: bool = False) -> str:
+    """The machine as a cell names it: "CPU" when ``alone`` (the table's only machine, a CPU; the hardware
+    line names it in full), else ``machine(record)``, so that a table mixing machines says which is which."""
+    return "CPU" if alone and not record["hardware"].get("gpu") else machine(record)
+
+
+def per_host(rs: list[dict], value, fmt: str, unit: str = "", alone: bool = False) -> str:
     """Mean of ``value(record)`` per machine (``pipeline.compare.per_host_mean``)."""
-    return per_host_mean([(host(r), value(r)) for r in rs], fmt, unit)
+    return per_host_mean([(host(r, alone), value(r)) for r in rs], fmt, unit)
 
 
-def epoch_seconds(rs: list[dict]) -> str:
+def epoch_seconds(rs: list[dict], alone: bool = False) -> str:
     """Training wall time per epoch (fit only: no partition, export or evaluation), over the epochs the
     last invocation trained (a resumed row trained fewer; one resumed after its training ended trained
     none and has no time to give)."""
     def per_epoch(r: dict) -> float | None:
         epochs = r["distill"].get("fit_epochs", r["distill"]["epochs"])
         return r["distill"]["fit_seconds"] / epochs if epochs else None
-    return per_host(rs, per_epoch, ".0f", " s")
+    return per_host(rs, per_epoch, ".0f", " s", alone)
 
 
 def sweep_table(spec: dict, table: str) -> list[str]:
     lines = ["| row | losses | precision | epochs | seeds | best validation accuracy (%) | training time per epoch |",
              "|---|---|---|---|---|---|---|"]
+    alone = one_machine(table)
     for _row, rs in records(table).items():
         c = rs[0]["config"]
         lines.append(f"| {rs[0]['label']} | {losses_text(c)} | {rs[0]['distill']['precision']} | "
                      f"{c['distill']['epochs']} | {len(rs)} | {pct([r['distill']['best_val_acc'] for r in rs])} | "
-                     f"{epoch_seconds(rs)} |")
+                     f"{epoch_seconds(rs, alone)} |")
     return lines
 
 
@@ -325,7 +340,7 @@ def method_table(spec: dict, table: str) -> list[str]:
     lines = ["| method | test accuracy (%) | seeds | best val (%) | params per device | MACs per device | "
              "bytes sent per inference | 1 device down (%) | 2 devices down (%) | training time per epoch |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    teacher = None
+    teacher, alone = None, one_machine(table)
     for _row, rs in records(table).items():
         r0 = rs[0]
         teacher = teacher or r0["teacher"]
@@ -335,7 +350,7 @@ def method_table(spec: dict, table: str) -> list[str]:
                      f"{pct([r['distill']['best_val_acc'] for r in rs])} | {max(d['params'] for d in devices):,} | "
                      f"{max(d['macs'] for d in devices) / 1e6:.2f} M | "
                      f"{sum(d['bytes_sent_per_inference'] for d in devices)} B | {downs[0]} | {downs[1]} | "
-                     f"{epoch_seconds(rs)} |")
+                     f"{epoch_seconds(rs, alone)} |")
     if teacher:
         lines.insert(2, f"| teacher {teacher['arch']} | {100 * teacher['test_acc']:.2f} | - | - | "
                         f"{teacher['params']:,} | {teacher['macs'] / 1e6:.2f} M | - | - | - | - |")
@@ -348,22 +363,23 @@ def bytes_sent(record: dict) -> int:
     return record.get("bytes_sent", sum(d["bytes_sent_per_inference"] for d in record["devices"]))
 
 
-def record_summary(record: dict) -> dict:
+def record_summary(record: dict, alone: bool = False) -> dict:
     """A record as ``nonn compare``'s row. Records older than the ``summary`` field are read through the
     same function from the fields they kept; they have no peak memory or energy."""
     if "summary" in record:
-        return record["summary"] | {"label": record["label"], "host": host(record)}
+        return record["summary"] | {"label": record["label"], "host": host(record, alone)}
     chain = record.get("method") == "mp"
     report = {"run": record["config"]["name"], "dataset": record["config"]["data"]["dataset"],
               "failures": record["failures"],
               "method": {"name": record.get("method", record["row"]), "label": record["label"],
                          "devices": record["devices"], "test_acc_bundle": record["test_acc"],
                          "total_bytes_sent": bytes_sent(record), "topology": "chain" if chain else "gather"}}
-    return summarize(report) | {"host": host(record)}
+    return summarize(report) | {"host": host(record, alone)}
 
 
 def comparison_groups(table: str) -> list[list[dict]]:
-    return [[record_summary(r) for r in rs] for rs in records(table).values()]
+    alone = one_machine(table)
+    return [[record_summary(r, alone) for r in rs] for rs in records(table).values()]
 
 
 def comparison_table(spec: dict, table: str) -> list[str]:
@@ -373,10 +389,11 @@ def comparison_table(spec: dict, table: str) -> list[str]:
 
 
 def hardware_line(table: str) -> str:
-    seen = sorted({(r["hardware"]["cpu"], r["hardware"]["cpu_cores"], r["hardware"].get("gpu", ""),
-                    r["distill"].get("precision", "not trained")) for rs in records(table).values() for r in rs})
-    return "Ran on: " + "; ".join(f"{cpu}, {cores} cores{', ' + gpu if gpu else ''}, {prec}"
-                                  for cpu, cores, gpu, prec in seen) + "."
+    seen = sorted({(r["hardware"]["cpu"], r["hardware"].get("cpu_capability", ""), r["hardware"]["cpu_cores"],
+                    r["hardware"].get("gpu", ""), r["distill"].get("precision", "not trained"))
+                   for rs in records(table).values() for r in rs})
+    return "Ran on: " + "; ".join(f"{cpu}{f' ({cap})' if cap else ''}, {cores} cores{', ' + gpu if gpu else ''}, {prec}"
+                                  for cpu, cap, cores, gpu, prec in seen) + "."
 
 
 RENDERERS = {"sweep": sweep_table, "methods": method_table, "comparison": comparison_table}

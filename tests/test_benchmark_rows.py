@@ -172,10 +172,38 @@ def test_cells_average_only_like_machines():
     cpu, gpu = {"cpu": "X", "cpu_cores": 2}, {"cpu": "X", "cpu_cores": 16, "gpu": "NVIDIA H100 80GB HBM3"}
     rs = [{"hardware": cpu, "distill": {"fit_seconds": 300.0, "epochs": 15, "fit_epochs": 10}},
           {"hardware": gpu, "distill": {"fit_seconds": 150.0, "epochs": 15}}]
-    assert rows.epoch_seconds(rs) == "30 s (CPU), 10 s (H100 host)"
-    assert rows.epoch_seconds(rs[:1]) == "30 s"
+    assert rows.epoch_seconds(rs) == "30 s (X), 10 s (H100 host)"
+    assert rows.epoch_seconds(rs[:1], alone=True) == "30 s"
     resumed = {"hardware": cpu, "distill": {"fit_seconds": 0.4, "epochs": 15, "fit_epochs": 0}}  # after training
-    assert rows.epoch_seconds([rs[0], resumed]) == "30 s" and rows.epoch_seconds([resumed]) == "-"
+    assert rows.epoch_seconds([rs[0], resumed], alone=True) == "30 s"
+    assert rows.epoch_seconds([resumed], alone=True) == "-"
+    # one CPU name, two machines (AVX2 and AVX-512, twice as fast): never averaged together, each named
+    avx2 = {"cpu": "AMD EPYC", "cpu_cores": 2, "cpu_capability": "AVX2"}
+    avx512 = {"cpu": "AMD EPYC", "cpu_cores": 2, "cpu_capability": "AVX512"}
+    mixed = [{"hardware": avx2, "distill": {"fit_seconds": 3000.0, "epochs": 15}},
+             {"hardware": avx512, "distill": {"fit_seconds": 1500.0, "epochs": 15}}]
+    assert rows.epoch_seconds(mixed) == "200 s (AMD EPYC AVX2), 100 s (AMD EPYC AVX512)"
+    assert rows.machine({"hardware": {"cpu": "Intel(R) Xeon(R) Processor", "cpu_capability": "AVX512"}}) == \
+        "Intel Xeon AVX512"
+
+
+def test_a_table_names_its_machines_in_cells_only_when_it_mixes_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(rows, "RESULTS", tmp_path / "results")
+
+    def write(row: str, capability: str) -> None:
+        path = rows.record_path("methods", row, 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"row": row, "seed": 0, "hardware": {"cpu": "AMD EPYC", "cpu_cores": 2,
+                                                                       "cpu_capability": capability},
+                                    "distill": {"precision": "32-true"}}))
+
+    write("kd", "AVX2")
+    assert rows.one_machine("methods")
+    assert rows.hardware_line("methods") == "Ran on: AMD EPYC (AVX2), 2 cores, 32-true."
+    write("lcp", "AVX512")
+    assert not rows.one_machine("methods")
+    assert rows.hardware_line("methods") == ("Ran on: AMD EPYC (AVX2), 2 cores, 32-true; "
+                                             "AMD EPYC (AVX512), 2 cores, 32-true.")
 
 
 def test_refresh_costs_adds_the_summary_only_where_the_run_folder_evaluates_the_same(tmp_path, monkeypatch):
