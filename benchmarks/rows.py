@@ -286,9 +286,10 @@ def machine(record: dict) -> str:
     return " ".join(filter(None, (cpu, hw.get("cpu_capability"))))
 
 
-def one_machine(table: str) -> bool:
-    """Whether every record of ``table`` ran on one machine (then its cells need not name it)."""
-    return len({machine(r) for rs in records(table).values() for r in rs}) <= 1
+def one_machine(by_row: dict[str, list[dict]]) -> bool:
+    """Whether every record of a table (``records(table)``) ran on one machine (then its cells need not name
+    it)."""
+    return len({machine(r) for rs in by_row.values() for r in rs}) <= 1
 
 
 def host(record: dict, alone: bool = False) -> str:
@@ -315,8 +316,9 @@ def epoch_seconds(rs: list[dict], alone: bool = False) -> str:
 def sweep_table(spec: dict, table: str) -> list[str]:
     lines = ["| row | losses | precision | epochs | seeds | best validation accuracy (%) | training time per epoch |",
              "|---|---|---|---|---|---|---|"]
-    alone = one_machine(table)
-    for _row, rs in records(table).items():
+    by_row = records(table)
+    alone = one_machine(by_row)
+    for _row, rs in by_row.items():
         c = rs[0]["config"]
         lines.append(f"| {rs[0]['label']} | {losses_text(c)} | {rs[0]['distill']['precision']} | "
                      f"{c['distill']['epochs']} | {len(rs)} | {pct([r['distill']['best_val_acc'] for r in rs])} | "
@@ -340,8 +342,9 @@ def method_table(spec: dict, table: str) -> list[str]:
     lines = ["| method | test accuracy (%) | seeds | best val (%) | params per device | MACs per device | "
              "bytes sent per inference | 1 device down (%) | 2 devices down (%) | training time per epoch |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    teacher, alone = None, one_machine(table)
-    for _row, rs in records(table).items():
+    by_row = records(table)
+    teacher, alone = None, one_machine(by_row)
+    for _row, rs in by_row.items():
         r0 = rs[0]
         teacher = teacher or r0["teacher"]
         devices = r0["devices"]
@@ -378,8 +381,9 @@ def record_summary(record: dict, alone: bool = False) -> dict:
 
 
 def comparison_groups(table: str) -> list[list[dict]]:
-    alone = one_machine(table)
-    return [[record_summary(r, alone) for r in rs] for rs in records(table).values()]
+    by_row = records(table)
+    alone = one_machine(by_row)
+    return [[record_summary(r, alone) for r in rs] for rs in by_row.values()]
 
 
 def comparison_table(spec: dict, table: str) -> list[str]:
@@ -433,9 +437,9 @@ def main() -> None:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="an override for every row of this invocation, e.g. trainer.num_threads=2")
     sub.add_parser("tables", help="rewrite the tables in benchmarks/README.md from the records")
-    status = sub.add_parser("pending", help="list the declared rows that have no record yet, with the command "
-                            "that runs each")
-    status.add_argument("tables", nargs="*", help="tables to list (default: all)")
+    pending = sub.add_parser("pending", help="list the declared rows that have no record yet, with the command "
+                             "that runs each")
+    pending.add_argument("tables", nargs="*", help="tables to list (default: all)")
     refresh = sub.add_parser("refresh-costs", help="add peak memory and energy to older records of TABLE by "
                              "evaluating their run folders again (nothing is trained)")
     refresh.add_argument("table")

@@ -198,10 +198,10 @@ def test_a_table_names_its_machines_in_cells_only_when_it_mixes_them(tmp_path, m
                                     "distill": {"precision": "32-true"}}))
 
     write("kd", "AVX2")
-    assert rows.one_machine("methods")
+    assert rows.one_machine(rows.records("methods"))
     assert rows.hardware_line("methods") == "Ran on: AMD EPYC (AVX2), 2 cores, 32-true."
     write("lcp", "AVX512")
-    assert not rows.one_machine("methods")
+    assert not rows.one_machine(rows.records("methods"))
     assert rows.hardware_line("methods") == ("Ran on: AMD EPYC (AVX2), 2 cores, 32-true; "
                                              "AMD EPYC (AVX512), 2 cores, 32-true.")
 
