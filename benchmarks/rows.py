@@ -10,7 +10,8 @@ Rows and tables are declared in ``benchmarks/rows.yaml``. A row is ``nonn`` on o
 overrides and a seed, in ``WORK/TABLE/ROW-seedS`` (a row that was interrupted resumes there from
 its last checkpoint). When it finishes, ``benchmarks/results/TABLE/ROW-seedS.json`` records the
 resolved config, git commit, hardware, wall time, accuracies, per-device cost and the failure table.
-A row with a record is not rerun unless ``--force``. ``--parallel N`` runs N rows side by side (a GPU
+A row with a record is not rerun unless ``--force``; SIGTERM or Ctrl-C on rows.py stops its running
+rows with it (exit 143 / 130), and they resume when run again. ``--parallel N`` runs N rows side by side (a GPU
 host trains these small models faster several at a time); ``--set trainer.num_threads=2`` adds an
 override to every row of this invocation (it is kept in each record's resolved config). A row may
 declare ``same_as: TABLE/ROW`` when it is exactly that experiment: it is never run, its records are
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -39,6 +41,7 @@ README = ROOT / "benchmarks" / "README.md"
 sys.path.insert(0, str(ROOT))
 
 from core.io import read_json, write_json_atomic, write_text_atomic  # noqa: E402
+from core.signals import Terminated, sigterm_unwinds  # noqa: E402
 from pipeline.compare import down_cell, failure_mean, mean_std, per_host_mean, summarize, table_lines, write_plots  # noqa: E402
 
 PLOTS = RESULTS / "plots"
@@ -121,6 +124,47 @@ def make_record(spec: dict, table: str, row: str, seed: int, run_dir: Path, seco
 _print_lock = threading.Lock()
 
 
+class Children:
+    """The row processes running now. SIGTERM or Ctrl-C on rows.py stops them with it; otherwise a killed
+    rows.py leaves its trainings running unseen, and a second rows.py would train the same folder."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stopped = False
+
+    def run(self, cmd: list[str], log) -> int:
+        """``cmd``'s exit code; -SIGTERM without starting it once ``stop`` was called."""
+        with self.lock:
+            if self.stopped:
+                return -signal.SIGTERM
+            process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            self.running.add(process)
+        try:
+            return process.wait()
+        finally:
+            with self.lock:
+                self.running.discard(process)
+
+    def stop(self, grace_s: float = 60.0) -> None:
+        """SIGTERM to every child (a training stops at its next step, its finished epochs kept), SIGKILL to
+        one still running after ``grace_s``; no child starts after this."""
+        with self.lock:
+            self.stopped = True
+            processes = list(self.running)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+children = Children()
+
+
 def say(message: str) -> None:
     with _print_lock:
         print(f"[rows] {message}", flush=True)
@@ -134,8 +178,7 @@ def run_one(spec: dict, table: str, row: str, seed: int, work: Path, extra: dict
     say(f"{table}/{row} seed {seed}: {' '.join(cmds[-1][1:])}")
     start = time.perf_counter()
     with open(run_dir / "rows.log", "a") as log:
-        code = next((c for cmd in cmds if (c := subprocess.run(cmd, cwd=ROOT, stdout=log,
-                                                               stderr=subprocess.STDOUT).returncode)), 0)
+        code = next((c for cmd in cmds if (c := children.run(cmd, log))), 0)
     seconds = time.perf_counter() - start
     if code != 0:
         say(f"{table}/{row} seed {seed}: failed (exit {code}), see {run_dir / 'rows.log'}")
@@ -196,9 +239,16 @@ def run_rows(table: str, rows: list[str] | None, seeds: list[int] | None, work: 
     """Run the rows that have no record yet, ``parallel`` at a time; True when none failed."""
     spec = load_spec()
     pending = pending_rows(spec, table, rows, seeds, force)
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        results = list(pool.map(lambda rs: run_one(spec, table, *rs, work, extra or {}), pending))
-    return all(results)
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+    try:
+        futures = [pool.submit(run_one, spec, table, row, seed, work, extra or {}) for row, seed in pending]
+        return all([future.result() for future in futures])
+    except BaseException:  # SIGTERM (as Terminated) or Ctrl-C: no new row, and the running ones stop too
+        pool.shutdown(wait=False, cancel_futures=True)
+        children.stop()
+        raise
+    finally:
+        pool.shutdown()
 
 
 def refresh_costs(table: str, work: Path) -> int:
@@ -445,17 +495,28 @@ def main() -> None:
     refresh.add_argument("table")
     refresh.add_argument("--work", type=Path, default=ROOT / "runs" / "bench", help="where the run folders are")
     args = parser.parse_args()
+    try:
+        with sigterm_unwinds():
+            sys.exit(dispatch(args))
+    except (Terminated, KeyboardInterrupt) as stop:
+        say("stopped; a row that was running stopped with it and resumes from its folder when run again")
+        sys.exit(143 if isinstance(stop, Terminated) else 130)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run one subcommand; its exit code."""
     if args.command == "run":
         ok = run_rows(args.table, args.rows.split(",") if args.rows else None,
                       [int(s) for s in args.seeds.split(",")] if args.seeds else None, args.work, args.force,
                       args.parallel, parse_sets(args.set))
-        sys.exit(0 if ok else 1)
-    elif args.command == "pending":
+        return 0 if ok else 1
+    if args.command == "pending":
         print_pending(args.tables)
     elif args.command == "refresh-costs":
         say(f"{refresh_costs(args.table, args.work)} record(s) of {args.table} refreshed")
     else:
         render_tables()
+    return 0
 
 
 if __name__ == "__main__":

@@ -244,3 +244,50 @@ def test_refresh_costs_adds_the_summary_only_where_the_run_folder_evaluates_the_
     assert vp["summary"]["peak_memory"] == 4096 and vp["summary"]["energy_uj"] == 12.5 and "summary_commit" in vp
     assert "summary" not in json.loads(rows.record_path("comparison", "cp", 0).read_text())  # accuracy differs
     assert rows.refresh_costs("comparison", work) == 0  # a record with a summary is left alone
+
+
+SLEEPER = """import os, sys, time
+from pathlib import Path
+Path(sys.argv[1], "pid").write_text(str(os.getpid()))
+time.sleep(600)
+"""
+
+DRIVER = """import sys
+from pathlib import Path
+from benchmarks import rows
+rows.RESULTS = Path(sys.argv[1]) / "results"
+rows.commands_for = lambda spec, table, row, seed, run_dir, extra=None: [[sys.executable, "-c", {sleeper!r}, str(run_dir)]]
+sys.argv = ["rows.py", "run", "methods", "--rows", "nonn_k2,kd,scratch", "--seeds", "0", "--parallel", "2",
+            "--work", str(Path(sys.argv[1]) / "work")]
+rows.main()
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_on_rows_stops_its_running_rows_and_starts_no_other(tmp_path):
+    """`kill` on rows.py used to leave its trainings running, orphaned; now they stop with it (real
+    processes, real signals; the rows' commands are stand-ins that sleep)."""
+    import os
+    import signal
+    import sys
+    import time
+
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER.format(sleeper=SLEEPER), str(tmp_path)],
+                              cwd=rows.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(rows.ROOT)))
+    work = tmp_path / "work" / "methods"
+    pid_files = [work / "nonn_k2-seed0" / "pid", work / "kd-seed0" / "pid"]
+    deadline = time.monotonic() + 120
+    while not all(p.exists() and p.read_text() for p in pid_files) and driver.poll() is None:
+        assert time.monotonic() < deadline, "the two parallel rows never started"
+        time.sleep(0.05)
+    pids = [int(p.read_text()) for p in pid_files]
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 143, out
+    assert "stopped; a row that was running stopped with it" in out
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (work / "scratch-seed0").exists(), "the queued third row started after the stop"
+    assert not list((tmp_path / "results").rglob("*.json")), "a stopped row wrote a record"
