@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -94,11 +95,17 @@ def add_deploy_command(sub: argparse._SubParsersAction) -> None:
                         "device indices (default 0)")
 
 
+def not_an_advert(record: logging.LogRecord) -> bool:
+    """False for Lightning's "Tip: try installing litlogger", printed by every Trainer of every stage."""
+    return not record.getMessage().startswith("💡 Tip:")
+
+
 def quiet_known_noise() -> None:
     """Lightning warnings that are expected here (the frozen teacher is in eval mode on purpose)."""
     for pattern in (r".*module\(s\) in eval mode at the start of training", r".*isinstance\(treespec, LeafSpec\)",
                     r".*Checkpoint directory .* exists and is not empty", r".*is smaller than the logging interval"):
         warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(not_an_advert)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""W&B: offline without an account, and never fatal."""
+"""W&B: offline without an account, and never fatal; and nothing else printed that a user must wade through."""
 from __future__ import annotations
 
 import pytest
@@ -51,3 +51,19 @@ def test_failing_log_call_disables_tracking(tiny_config, tmp_path):
     with pytest.warns(UserWarning, match="W&B log failed"):
         tracker.log({"x": 1})
     assert tracker.run is None
+
+
+def test_lightnings_litlogger_advert_is_not_printed(caplog):
+    """Every Trainer (three per run) printed an advert for a hosted logger into the user's log."""
+    import logging
+
+    import pytorch_lightning as pl
+
+    from pipeline.cli import quiet_known_noise
+
+    quiet_known_noise()
+    with caplog.at_level(logging.INFO):
+        pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    printed = caplog.text
+    assert "litlogger" not in printed
+    assert "GPU available" in printed, "Lightning's other messages still print"
