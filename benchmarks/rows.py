@@ -31,6 +31,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import IO
 
 import yaml
 
@@ -133,7 +134,7 @@ class Children:
         self.running: set[subprocess.Popen] = set()
         self.stopped = False
 
-    def run(self, cmd: list[str], log) -> int:
+    def run(self, cmd: list[str], log: IO[str]) -> int:
         """``cmd``'s exit code; -SIGTERM without starting it once ``stop`` was called."""
         with self.lock:
             if self.stopped:
@@ -243,7 +244,7 @@ def run_rows(table: str, rows: list[str] | None, seeds: list[int] | None, work: 
     try:
         futures = [pool.submit(run_one, spec, table, row, seed, work, extra or {}) for row, seed in pending]
         return all([future.result() for future in futures])
-    except BaseException:  # SIGTERM (as Terminated) or Ctrl-C: no new row, and the running ones stop too
+    except (Terminated, KeyboardInterrupt):  # no new row, and the running ones stop too
         pool.shutdown(wait=False, cancel_futures=True)
         children.stop()
         raise
