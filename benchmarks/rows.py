@@ -42,6 +42,7 @@ README = ROOT / "benchmarks" / "README.md"
 sys.path.insert(0, str(ROOT))
 
 from core.io import read_json, write_json_atomic, write_text_atomic  # noqa: E402
+from core.processes import stop_processes  # noqa: E402
 from core.signals import Terminated, sigterm_unwinds  # noqa: E402
 from pipeline.compare import down_cell, failure_mean, mean_std, per_host_mean, summarize, table_lines, write_plots  # noqa: E402
 
@@ -153,14 +154,7 @@ class Children:
         with self.lock:
             self.stopped = True
             processes = list(self.running)
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(processes, grace_s)
 
 
 children = Children()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.processes import stop_processes
 from serve.broker import SOURCE, Users, free_port, start_broker, write_broker_files
 from serve.endpoint import STATS_REQUEST
 from serve.mqtt import Broker, Link, RuntimeSetupError, connect, topic
@@ -212,14 +213,7 @@ class Fleet:
                                         f"(log: {self.log_dir / f'{name}.log'})")
 
     def stop(self) -> None:
-        for p in self.processes.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.processes.values():
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.processes.values(), grace_s=5)
 
 
 def open_broker(url: str | None, ca_file: str | None, credentials_dir: Path | None, users: list[Users],

@@ -3,7 +3,11 @@ and the tables render from records alone."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -267,11 +271,6 @@ rows.main()
 def test_sigterm_on_rows_stops_its_running_rows_and_starts_no_other(tmp_path):
     """`kill` on rows.py used to leave its trainings running, orphaned; now they stop with it (real
     processes, real signals; the rows' commands are stand-ins that sleep)."""
-    import os
-    import signal
-    import sys
-    import time
-
     driver = subprocess.Popen([sys.executable, "-c", DRIVER.format(sleeper=SLEEPER), str(tmp_path)],
                               cwd=rows.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ, PYTHONPATH=str(rows.ROOT)))
