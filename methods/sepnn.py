@@ -10,7 +10,8 @@ peer message costs little.
   ``none`` (LCP's branches, for comparison);
 - a search record (``benchmarks/sepnn_search.py``'s JSON): the most accurate policy on its validation
   Pareto front that exchanges at most ``max_exchange_bytes`` per image (null: no budget).
-``init`` fine-tunes from a supernet's weights instead of training from scratch. The bundle is staged:
+``head`` ends each branch in LCP's head (a 1x1 conv + BN + ReLU before pooling), so that both have the same
+per-device size. ``init`` fine-tunes from a supernet's weights instead of training from scratch. The bundle is staged:
 each device's stages are separate models with the messages between them.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ class SepNN(Method):
     label = "SepNN branches"
     sends = "a fraction of its feature map to one peer at each exchange point, then its pooled feature vector"
     options = {"branches": 2, "depth": 10, "width": 1, "policy": None, "max_exchange_bytes": None,
-               "exchange_dropout": 0.1, "init": None}
+               "exchange_dropout": 0.1, "head": False, "init": None}
     takes_maps = False  # the branches learn the teacher's logits; they have no partition of its map
     default_losses = {"kd": {"alpha": 0.9, "temperature": 4.0}}
 
@@ -94,13 +95,14 @@ class SepNN(Method):
 
     def plan(self) -> dict:
         o = self.opts
-        return {"branches": o["branches"], "depth": o["depth"], "width": o["width"],
+        plan = {"branches": o["branches"], "depth": o["depth"], "width": o["width"],
                 "policy": self.policy().to_dict(), "exchange_dropout": float(o["exchange_dropout"])}
+        return {**plan, "head": True} if o["head"] else plan  # without one, the plans of runs from before heads
 
     def build(self, plan: dict) -> SeparableNet:
         dm = self.dm
         net = SeparableNet(plan["branches"], plan["depth"], plan["width"], dm.image_shape[0], dm.num_classes,
-                           dm.mean, dm.std)
+                           dm.mean, dm.std, head=plan.get("head", False))
         net.policy = ExchangePolicy.from_dict(plan["policy"], net.num_points, net.num_devices)
         return net
 

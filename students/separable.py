@@ -5,8 +5,8 @@ Each branch is a Wide ResNet body cut into stages at its exchange points (after 
 exchange, device ``j`` receives the first ``m`` channels of its peer ``route[j]``'s map and averages
 them with its own: ``x[:, :m] = (x[:, :m] + peer[:, :m]) / 2``; its other channels are unchanged. A
 message that does not arrive (a device down, a late or dropped exchange) leaves ``x`` unchanged, the
-same as averaging ``x`` with itself. After the last stage each branch pools its map into a vector,
-and a shared classifier over the concatenated vectors gives the logits, as in NoNN and LCP; a failed
+same as averaging ``x`` with itself. After the last stage each branch pools its map into a vector
+(with ``head``, after a 1x1 conv + BN + ReLU, the head LCP's and NoNN's devices end in), and a shared classifier over the concatenated vectors gives the logits, as in NoNN and LCP; a failed
 device's vector is replaced by its training mean (NoNN's ``Aggregator``).
 
 An :class:`ExchangePolicy` says where the branches talk, with whom and how much; the bytes it costs
@@ -100,7 +100,7 @@ class SeparableNet(nn.Module):
     """K Wide ResNet branches cut at their exchange points, plus the shared classifier."""
 
     def __init__(self, num_devices: int, depth: int, width: int, in_channels: int, num_classes: int,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+                 mean: Sequence[float], std: Sequence[float], head: bool = False) -> None:
         super().__init__()
         if num_devices < 2:
             raise ValueError(f"a separable network needs at least 2 branches, got {num_devices}")
@@ -109,9 +109,13 @@ class SeparableNet(nn.Module):
         # stage s runs body layers cuts[s]..cuts[s+1]; an exchange point follows every block but the last
         layers = len(branches[0].body)
         self.cuts = [0, *range(2, layers - 1), layers]  # the stem and the first block form stage 0
+        self.out_width = branches[0].feature_channels
         self.stages = nn.ModuleList(nn.ModuleList(nn.Sequential(*b.body[a:z]) for a, z in zip(self.cuts, self.cuts[1:]))
                                     for b in branches)
-        self.out_width = branches[0].feature_channels
+        if head:  # part of the last stage, so the device runs it and the bundle needs no other change
+            for stages in self.stages:
+                stages[-1].extend([nn.Conv2d(self.out_width, self.out_width, 1, bias=False),
+                                   nn.BatchNorm2d(self.out_width), nn.ReLU(inplace=True)])
         self.aggregator = Aggregator([self.out_width] * num_devices, num_classes)
         self.num_devices = num_devices
         self.policy = ExchangePolicy()

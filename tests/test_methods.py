@@ -325,6 +325,7 @@ def test_sepnn_takes_the_most_accurate_searched_policy_within_its_byte_budget():
     (["--method", "sepnn", "--method_options.sepnn", "{policy: {'3': {route: [1, 0], fraction: 0.5}}}"],
      "exchange point 3: the branches have points 0..1"),
     (["--method", "sepnn", "--method_options.sepnn", "{depth: 12}"], "depth 6n\\+4 >= 10"),
+    (["--method", "sepnn", "--method_options.sepnn", "{head: 1}"], "sepnn.head = 1: expected bool"),
     (["--method", "sepnn", "--export.transport", "int8"], "choose one of fp32, fp16"),
     (["--method", "sepnn", "--distill.losses", "{kd: {}, filter_transfer_per_student: {}}"],
      "method sepnn trains with ce, kd only"),

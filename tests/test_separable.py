@@ -57,6 +57,26 @@ def test_exchange_bytes_follow_the_maps_shapes(net):
     assert net.exchange_bytes(ExchangePolicy(), (1, 16, 16)) == 0
 
 
+
+def test_with_lcps_head_a_branch_is_an_lcp_device_in_size_and_its_own_stages_still_give_its_vector():
+    from students.networks import wide_resnet
+    from students.unified import DeviceStudent
+
+    torch.manual_seed(0)
+    net = SeparableNet(2, 10, 1, 1, 4, [0.5], [0.25], head=True).eval()
+    lcp_device = DeviceStudent(wide_resnet(10, 1, 1, 0, [0.5], [0.25]), 64, (4, 4))
+    size = sum(p.numel() for p in lcp_device.parameters())
+    headless = sum(p.numel() for p in SeparableNet(2, 10, 1, 1, 4, [0.5], [0.25]).stages[0].parameters())
+    assert sum(p.numel() for p in net.stages[0].parameters()) == size == headless + 64 * 64 + 2 * 64
+    policy = ExchangePolicy({0: Exchange((1, 0), 0.25)})
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        first = [stages[0](x) for stages in net.device_stages(policy)]
+        mixed = [average_in(m, first[r], 0.25) for m, r in zip(first, (1, 0))]
+        own = [stages[1](m) for stages, m in zip(net.device_stages(policy), mixed)]
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(own, net.vectors(x, policy=policy)))
+    assert own[0].shape == (2, 64)
+
 @pytest.mark.parametrize("spec, message", [
     ({"5": {"route": [1, 0], "fraction": 0.5}}, "exchange point 5: the branches have points 0..1"),
     ({"0": {"route": [0, 1], "fraction": 0.5}}, "route \\[0, 1\\] must give each of the 2 devices one other"),
