@@ -291,13 +291,15 @@ def parse_sets(items: list[str]) -> dict:
 # --- tables ------------------------------------------------------------------------------------
 
 def records(table: str) -> dict[str, list[dict]]:
-    """The records of one table by row, rows in the order ``rows.yaml`` declares them; a ``same_as`` row
-    takes the other row's records under its own label."""
+    """The records of one table by row, rows in the order ``rows.yaml`` declares them, each under the label
+    ``rows.yaml`` gives its row now (a record keeps the label it ran under); a ``same_as`` row takes the other
+    row's records."""
+    rows = load_spec()["tables"][table]["rows"]
     by_row: dict[str, list[dict]] = {}
     for path in sorted((RESULTS / table).glob("*.json")):
         r = json.loads(path.read_text())
-        by_row.setdefault(r["row"], []).append(r)
-    rows = load_spec()["tables"][table]["rows"]
+        label = rows[r["row"]]["label"] if r["row"] in rows else r["label"]
+        by_row.setdefault(r["row"], []).append({**r, "label": label})
     for row, r in rows.items():
         if r.get("same_as"):
             other_table, other_row = r["same_as"].split("/")

@@ -76,6 +76,9 @@ def test_comparison_table_renders_every_column_from_records(tmp_path, monkeypatc
     readme = tmp_path / "README.md"
     readme.write_text("<!-- table:comparison -->\n<!-- /table:comparison -->\n")
     monkeypatch.setattr(rows, "README", readme)
+    spec = {"tables": {"comparison": {"kind": "comparison", "rows": {
+        row: {"label": label, "config": "c.yaml"} for row, label in (("vp", "VP"), ("mp", "MP"), ("nonn", "NoNN"))}}}}
+    monkeypatch.setattr(rows, "load_spec", lambda: spec)
     hardware = {"cpu": "Test CPU", "cpu_cores": 2}
     for row, failures, latency in (("vp", [{"missing": [0], "accuracy": 0.8}, {"missing": [1], "accuracy": 0.9}], 0.5),
                                    ("mp", [{"missing": [0], "accuracy": None}, {"missing": [1], "accuracy": None}], 2.0)):
@@ -122,6 +125,22 @@ def test_same_as_row_shows_the_other_tables_records_and_is_never_run(tmp_path, m
     assert rows.run_rows("comparison", None, None, tmp_path / "work", force=False)
     assert "the records of methods/kd" in capsys.readouterr().out
 
+
+
+def test_a_record_is_shown_under_its_rows_current_label(tmp_path, monkeypatch):
+    """A row relabelled in rows.yaml after it ran (a default changed under it) shows the new label; a record
+    of a row no longer declared keeps its own."""
+    monkeypatch.setattr(rows, "RESULTS", tmp_path / "results")
+    spec = {"tables": {"methods": {"kind": "methods", "rows": {
+        "nonn": {"label": "NoNN, beta 1e4 constant", "config": "c.yaml"}}}}}
+    monkeypatch.setattr(rows, "load_spec", lambda: spec)
+    for row in ("nonn", "gone"):
+        path = rows.record_path("methods", row, 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"row": row, "label": f"{row} as it ran", "seed": 0, "test_acc": 0.9}))
+    shown = rows.records("methods")
+    assert {row: r[0]["label"] for row, r in shown.items()} == {"nonn": "NoNN, beta 1e4 constant",
+                                                                 "gone": "gone as it ran"}
 
 def test_parallel_runs_every_pending_row_once_with_the_extra_overrides(tmp_path, monkeypatch):
     monkeypatch.setattr(rows, "RESULTS", tmp_path / "results")
