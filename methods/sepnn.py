@@ -11,8 +11,8 @@ peer message costs little.
 - a search record (``benchmarks/sepnn_search.py``'s JSON): the most accurate policy on its validation
   Pareto front that exchanges at most ``max_exchange_bytes`` per image (null: no budget).
 ``head`` ends each branch in LCP's head (a 1x1 conv + BN + ReLU before pooling), so that both have the same
-per-device size. ``init`` fine-tunes from a supernet's weights instead of training from scratch. The bundle is staged:
-each device's stages are separate models with the messages between them.
+per-device size. ``init`` fine-tunes from a supernet's weights instead of training from scratch. The bundle
+is staged: each device's stages are separate models with the messages between them.
 """
 from __future__ import annotations
 

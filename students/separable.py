@@ -6,8 +6,9 @@ exchange, device ``j`` receives the first ``m`` channels of its peer ``route[j]`
 them with its own: ``x[:, :m] = (x[:, :m] + peer[:, :m]) / 2``; its other channels are unchanged. A
 message that does not arrive (a device down, a late or dropped exchange) leaves ``x`` unchanged, the
 same as averaging ``x`` with itself. After the last stage each branch pools its map into a vector
-(with ``head``, after a 1x1 conv + BN + ReLU, the head LCP's and NoNN's devices end in), and a shared classifier over the concatenated vectors gives the logits, as in NoNN and LCP; a failed
-device's vector is replaced by its training mean (NoNN's ``Aggregator``).
+(with ``head``, after a 1x1 conv + BN + ReLU, the head LCP's and NoNN's devices end in), and a shared
+classifier over the concatenated vectors gives the logits, as in NoNN and LCP; a failed device's vector
+is replaced by its training mean (NoNN's ``Aggregator``).
 
 An :class:`ExchangePolicy` says where the branches talk, with whom and how much; the bytes it costs
 per inference follow from the maps' shapes (:meth:`SeparableNet.exchange_bytes`).

@@ -126,7 +126,6 @@ def test_same_as_row_shows_the_other_tables_records_and_is_never_run(tmp_path, m
     assert "the records of methods/kd" in capsys.readouterr().out
 
 
-
 def test_a_record_is_shown_under_its_rows_current_label(tmp_path, monkeypatch):
     """A row relabelled in rows.yaml after it ran (a default changed under it) shows the new label; a record
     of a row no longer declared keeps its own."""
@@ -141,6 +140,7 @@ def test_a_record_is_shown_under_its_rows_current_label(tmp_path, monkeypatch):
     shown = rows.records("methods")
     assert {row: r[0]["label"] for row, r in shown.items()} == {"nonn": "NoNN, beta 1e4 constant",
                                                                  "gone": "gone as it ran"}
+
 
 def test_parallel_runs_every_pending_row_once_with_the_extra_overrides(tmp_path, monkeypatch):
     monkeypatch.setattr(rows, "RESULTS", tmp_path / "results")
