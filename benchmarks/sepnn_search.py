@@ -8,8 +8,9 @@ accuracy and bytes per image, and keep the Pareto front. The test set is never r
 Writes ``RUN/sepnn_search.json`` (every ranked policy, the front, the machine, the command) and
 ``RUN/sepnn_search.png``; ``--out`` copies the record (e.g. into benchmarks/results/sepnn/), and
 ``--supernet-out`` writes the supernet's best weights alone (what ``method_options.sepnn.init`` reads to
-fine-tune the chosen policy; a few hundred KB instead of the training checkpoint). The supernet trains
-with the pipeline's own fit (best/last checkpoints, resumes when rerun).
+fine-tune the chosen policy; a few hundred KB instead of the training checkpoint). ``--head`` ends each
+branch in LCP's head (``method_options.sepnn.head``; a supernet with it fine-tunes only a config with it).
+The supernet trains with the pipeline's own fit (best/last checkpoints, resumes when rerun).
 """
 from __future__ import annotations
 
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--depth", type=int, default=10, help="WRN depth of each branch (default 10)")
     parser.add_argument("--width", type=int, default=1, help="WRN width factor of each branch (default 1)")
+    parser.add_argument("--head", action="store_true",
+                        help="end each branch in LCP's head, a 1x1 conv + BN + ReLU (method_options.sepnn.head)")
     parser.add_argument("--epochs", type=int, default=None, help="default: distill.epochs")
     parser.add_argument("--policies", type=int, default=48, help="random policies ranked beside the fixed ones")
     parser.add_argument("--itemsize", type=int, default=2, help="bytes per exchanged number (2: fp16, default)")
@@ -111,7 +114,8 @@ def main() -> None:
     dm = ctx.datamodule()
     teacher, teacher_sha = load_teacher(ctx, dm)
     torch.manual_seed(config["seed"])
-    net = SeparableNet(args.devices, args.depth, args.width, dm.image_shape[0], dm.num_classes, dm.mean, dm.std)
+    net = SeparableNet(args.devices, args.depth, args.width, dm.image_shape[0], dm.num_classes, dm.mean, dm.std,
+                       head=args.head)
     module = SeparableModule(net, {}, config["distill"]["losses"], config["distill"], dm.num_classes, teacher,
                              config["trainer"]["channels_last"])
     epochs = args.epochs or config["distill"]["epochs"]
@@ -129,7 +133,7 @@ def main() -> None:
     per_device = count_params(net) // args.devices  # the classifier is small: shared out evenly for the table
     record = {"command": " ".join(sys.argv), "git_commit": git_commit(), "hardware": hardware(),
               "wall_seconds": round(time.perf_counter() - start, 1), "epochs": epochs, "teacher_sha256": teacher_sha,
-              "branches": {"devices": args.devices, "arch": f"wrn_{args.depth}_{args.width}",
+              "branches": {"devices": args.devices, "arch": f"wrn_{args.depth}_{args.width}", "head": args.head,
                            "params_per_device": per_device, "point_shapes": net.point_shapes(dm.image_shape)},
               "itemsize": args.itemsize, "losses": config["distill"]["losses"], "split": "validation",
               "batchnorm_calibration_images": args.calibration,

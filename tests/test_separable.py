@@ -179,3 +179,35 @@ def test_each_policy_is_scored_with_its_own_batchnorm_statistics_and_the_net_kee
     rank_policies(net, x, torch.zeros(64, dtype=torch.long), [ExchangePolicy(), policy], calibration=x)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items()), "the net's own statistics are back"
     assert first_after_exchange.momentum == 0.1
+
+
+@pytest.mark.slow
+def test_the_search_script_ranks_policies_of_branches_with_lcps_head_and_a_head_config_fine_tunes_from_it(tmp_path):
+    """benchmarks/sepnn_search.py end to end on generated images (a real teacher, the pipeline's fit, the
+    ranking): with --head the supernet's branches are LCP's size, the record says so, and a SepNN config
+    with ``head: true`` starts from its weights while one without the head is refused."""
+    import json
+    import subprocess
+    import sys
+
+    from methods.sepnn import start_from
+    from pipeline.cli import main
+    from tests.conftest import ROOT, TINY
+
+    teacher_run = tmp_path / "teacher"
+    assert main(["teacher", "--config", str(TINY), "--run-dir", str(teacher_run)]) == 0
+    checkpoint = teacher_run / "teacher" / "best.ckpt"
+    search = tmp_path / "search"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sepnn_search.py"), "--config", str(TINY),
+                           "--run-dir", str(search), "--epochs", "1", "--policies", "2", "--calibration", "64",
+                           "--head", "--supernet-out", str(tmp_path / "supernet.ckpt"),
+                           "--set", f"teacher.checkpoint={checkpoint}",
+                           "--set", "distill.losses={kd: {alpha: 0.9, temperature: 4.0}}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((search / "sepnn_search.json").read_text())
+    assert record["branches"]["head"] is True and record["split"] == "validation"
+    assert len(record["rows"]) >= 3 and record["front"][0]["exchange_bytes"] == 0
+    start_from(SeparableNet(2, 10, 1, 1, 4, [0.5], [0.25], head=True), tmp_path / "supernet.ckpt")
+    with pytest.raises(ValueError, match="its weights are not these branches'"):
+        start_from(SeparableNet(2, 10, 1, 1, 4, [0.5], [0.25]), tmp_path / "supernet.ckpt")
