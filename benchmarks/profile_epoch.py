@@ -1,8 +1,9 @@
 """Where a distillation epoch goes: the distill stage run under Lightning's SimpleProfiler, with the live
-teacher and with the teacher-output pool, side by side in one invocation on one machine.
+teacher and with the teacher-output pool, side by side in one invocation on one machine, optionally at
+several precisions (``--precisions 32-true bf16-mixed``: each pool is built once and serves them all).
 
     python benchmarks/profile_epoch.py --config configs/fashion_mnist/standard.yaml --views 0 4 \\
-        --run-dir /tmp/profile --epochs 1 [--set distill.lr=0.05 ...]
+        --run-dir /tmp/profile --epochs 1 [--precisions 32-true bf16-mixed] [--set distill.lr=0.05 ...]
 
 The teacher is the profile's (give ``--set teacher.checkpoint=...`` to use a committed one), the partition
 is computed once and shared. Prints a markdown table: one column per setting, one row per cost, each
@@ -47,7 +48,7 @@ def seconds(profile: dict, terms: list[str]) -> float:
     return total
 
 
-def run(args: argparse.Namespace) -> dict[int, dict]:
+def run(args: argparse.Namespace) -> dict[tuple[int, str | None], dict]:
     base = ["--config", str(args.config), "--run-dir", str(args.run_dir), "--wandb.mode", "disabled",
             "--trainer.progress_bar", "false", "--distill.epochs", str(args.epochs), "--trainer.test", "false"]
     base += [f"--{kv.split('=', 1)[0]}={kv.split('=', 1)[1]}" for kv in args.set]
@@ -57,17 +58,21 @@ def run(args: argparse.Namespace) -> dict[int, dict]:
     results = {}
     for views in args.views:
         shutil.rmtree(args.run_dir / "teacher_pool", ignore_errors=True)  # the build is part of what is timed
-        if nonn(["distill", *base, "--force", "--trainer.profile", "true",
-                 "--distill.teacher_pool.views", str(views)]) != 0:
-            sys.exit(f"profile_epoch.py: distillation with {views} views failed")
-        record = json.loads((args.run_dir / "stages" / "distill.json").read_text())["results"]
-        results[views] = {"profile": json.loads((args.run_dir / "students" / "profile.json").read_text()),
-                          "record": record}
+        for i, precision in enumerate(args.precisions):
+            extra = [] if precision is None else ["--trainer.precision", precision]
+            if nonn(["distill", *base, *extra, "--force", "--trainer.profile", "true",
+                     "--distill.teacher_pool.views", str(views)]) != 0:
+                sys.exit(f"profile_epoch.py: distillation with {views} views at {precision or 'its'} precision failed")
+            record = json.loads((args.run_dir / "stages" / "distill.json").read_text())["results"]
+            if i > 0 and record["teacher_pool"] is not None:
+                record["teacher_pool"]["reused"] = True  # built for the first precision, read again here
+            profile = json.loads((args.run_dir / "students" / "profile.json").read_text())
+            results[views, precision] = {"record": record, "profile": profile}
     return results
 
 
-def table(results: dict[int, dict], epochs: int) -> str:
-    names = {v: ("live teacher" if v == 0 else f"pool, V = {v}") for v in results}
+def table(results: dict[tuple[int, str | None], dict], epochs: int) -> str:
+    names = {(v, p): ("live teacher" if v == 0 else f"pool, V = {v}") + (f", {p}" if p else "") for v, p in results}
     lines = [f"| per epoch ({epochs} epoch{'s' * (epochs > 1)}) | " + " | ".join(names.values()) + " |",
              "|---" * (len(results) + 1) + "|"]
     fits = {v: r["record"]["fit_seconds"] / epochs for v, r in results.items()}
@@ -79,9 +84,13 @@ def table(results: dict[int, dict], epochs: int) -> str:
     lines.append("| everything else (hooks, logging, progress) | " + " | ".join(
         f"{rest[v]:.1f} s ({100 * rest[v] / fits[v]:.0f}%)" for v in results) + " |")
     lines.append("| **fit wall time per epoch** | " + " | ".join(f"**{fits[v]:.1f} s**" for v in results) + " |")
-    builds = [r["record"]["teacher_pool"] for r in results.values()]
-    lines.append("| pool build (once per pool) | " + " | ".join(
-        "-" if b is None else f"{b['seconds']:.1f} s, {b['bytes'] / 2**20:.0f} MiB" for b in builds) + " |")
+    def build(pool: dict | None) -> str:
+        if pool is None:
+            return "-"
+        return "(the same pool)" if pool.get("reused") else f"{pool['seconds']:.1f} s, {pool['bytes'] / 2**20:.0f} MiB"
+
+    lines.append("| pool build (once per pool) | " + " | ".join(build(r["record"]["teacher_pool"])
+                                                           for r in results.values()) + " |")
     lines.append("| peak RSS of the process | " + " | ".join(
         f"{r['record']['peak_rss_mib']:.0f} MiB" for r in results.values()) + " |")
     return "\n".join(lines)
@@ -93,6 +102,8 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--views", type=int, nargs="+", default=[0, 4], help="0 = the live teacher")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--precisions", nargs="+", default=[None], metavar="PRECISION",
+                        help="trainer.precision of each column, e.g. 32-true bf16-mixed (default: the config's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
     args = parser.parse_args()
     for kv in args.set:
