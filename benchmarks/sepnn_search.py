@@ -8,8 +8,9 @@ accuracy and bytes per image, and keep the Pareto front. The test set is never r
 Writes ``RUN/sepnn_search.json`` (every ranked policy, the front, the machine, the command) and
 ``RUN/sepnn_search.png``; ``--out`` copies the record (e.g. into benchmarks/results/sepnn/), and
 ``--supernet-out`` writes the supernet's best weights alone (what ``method_options.sepnn.init`` reads to
-fine-tune the chosen policy; a few hundred KB instead of the training checkpoint). ``--head`` ends each
-branch in LCP's head (``method_options.sepnn.head``; a supernet with it fine-tunes only a config with it).
+fine-tune the chosen policy; a few hundred KB instead of the training checkpoint). Each branch ends in
+LCP's head unless ``--no-head`` (``method_options.sepnn.head``; a supernet fine-tunes only a config that
+agrees with it).
 The supernet trains with the pipeline's own fit (best/last checkpoints, resumes when rerun).
 """
 from __future__ import annotations
@@ -89,8 +90,9 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--depth", type=int, default=10, help="WRN depth of each branch (default 10)")
     parser.add_argument("--width", type=int, default=1, help="WRN width factor of each branch (default 1)")
-    parser.add_argument("--head", action="store_true",
-                        help="end each branch in LCP's head, a 1x1 conv + BN + ReLU (method_options.sepnn.head)")
+    parser.add_argument("--head", action=argparse.BooleanOptionalAction, default=True,
+                        help="end each branch in LCP's head, a 1x1 conv + BN + ReLU (method_options.sepnn.head; "
+                        "default: on, as the method's)")
     parser.add_argument("--epochs", type=int, default=None, help="default: distill.epochs")
     parser.add_argument("--policies", type=int, default=48, help="random policies ranked beside the fixed ones")
     parser.add_argument("--itemsize", type=int, default=2, help="bytes per exchanged number (2: fp16, default)")

@@ -10,9 +10,10 @@ peer message costs little.
   ``none`` (LCP's branches, for comparison);
 - a search record (``benchmarks/sepnn_search.py``'s JSON): the most accurate policy on its validation
   Pareto front that exchanges at most ``max_exchange_bytes`` per image (null: no budget).
-``head`` ends each branch in LCP's head (a 1x1 conv + BN + ReLU before pooling), so that both have the same
-per-device size. ``init`` fine-tunes from a supernet's weights instead of training from scratch. The bundle
-is staged: each device's stages are separate models with the messages between them.
+``head`` (default true) ends each branch in LCP's head, a 1x1 conv + BN + ReLU before pooling: both then
+have the same per-device size, and on CIFAR-10 the head was worth 1.3 pp with KD and 2.9 pp from labels
+(benchmarks/README.md, "SepNN"). ``init`` fine-tunes from a supernet's weights instead of training from
+scratch. The bundle is staged: each device's stages are separate models with the messages between them.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class SepNN(Method):
     label = "SepNN branches"
     sends = "a fraction of its feature map to one peer at each exchange point, then its pooled feature vector"
     options = {"branches": 2, "depth": 10, "width": 1, "policy": None, "max_exchange_bytes": None,
-               "exchange_dropout": 0.1, "head": False, "init": None}
+               "exchange_dropout": 0.1, "head": True, "init": None}
     takes_maps = False  # the branches learn the teacher's logits; they have no partition of its map
     default_losses = {"kd": {"alpha": 0.9, "temperature": 4.0}}
 
@@ -97,7 +98,7 @@ class SepNN(Method):
         o = self.opts
         plan = {"branches": o["branches"], "depth": o["depth"], "width": o["width"],
                 "policy": self.policy().to_dict(), "exchange_dropout": float(o["exchange_dropout"])}
-        return {**plan, "head": True} if o["head"] else plan  # without one, the plans of runs from before heads
+        return {**plan, "head": True} if o["head"] else plan  # headless: the plans of runs from before heads
 
     def build(self, plan: dict) -> SeparableNet:
         dm = self.dm
