@@ -19,3 +19,10 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+def pointwise_head(in_channels: int, out_channels: int) -> nn.Sequential:
+    """1x1 conv + BN + ReLU: what a NoNN or LCP device (and, with ``head``, a SepNN branch) ends in before
+    it pools its map into the vector it sends."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+                         nn.ReLU(inplace=True))

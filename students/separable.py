@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from students.layers import pointwise_head
 from students.networks import wide_resnet
 from students.split import average_channels
 from students.unified import Aggregator
@@ -115,8 +116,7 @@ class SeparableNet(nn.Module):
                                     for b in branches)
         if head:  # part of the last stage, so the device runs it and the bundle needs no other change
             for stages in self.stages:
-                stages[-1].extend([nn.Conv2d(self.out_width, self.out_width, 1, bias=False),
-                                   nn.BatchNorm2d(self.out_width), nn.ReLU(inplace=True)])
+                stages[-1].extend(pointwise_head(self.out_width, self.out_width))
         self.aggregator = Aggregator([self.out_width] * num_devices, num_classes)
         self.num_devices = num_devices
         self.policy = ExchangePolicy()

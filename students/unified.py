@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from students.layers import pointwise_head
 from students.networks import FeatureClassifier
 from students.registry import build_model
 from students.split import Combiner, GatherModel
@@ -24,8 +25,7 @@ class DeviceStudent(nn.Module):
     def __init__(self, backbone: FeatureClassifier, out_channels: int, out_size: tuple[int, int]) -> None:
         super().__init__()
         self.backbone = backbone
-        self.adapter = nn.Sequential(nn.Conv2d(backbone.feature_channels, out_channels, 1, bias=False),
-                                     nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+        self.adapter = pointwise_head(backbone.feature_channels, out_channels)
         self.out_channels = out_channels
         self.out_width = out_channels  # it sends the spatial mean of each of its channels
         self.out_size = tuple(out_size)

@@ -1,7 +1,10 @@
 """Separable networks (SepNN's branches): what an exchange does, what a missing message does, what it costs."""
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -57,7 +60,6 @@ def test_exchange_bytes_follow_the_maps_shapes(net):
     assert net.exchange_bytes(ExchangePolicy(), (1, 16, 16)) == 0
 
 
-
 def test_with_lcps_head_a_branch_is_an_lcp_device_in_size_and_its_own_stages_still_give_its_vector():
     from students.networks import wide_resnet
     from students.unified import DeviceStudent
@@ -76,6 +78,7 @@ def test_with_lcps_head_a_branch_is_an_lcp_device_in_size_and_its_own_stages_sti
         own = [stages[1](m) for stages, m in zip(net.device_stages(policy), mixed)]
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(own, net.vectors(x, policy=policy)))
     assert own[0].shape == (2, 64)
+
 
 @pytest.mark.parametrize("spec, message", [
     ({"5": {"route": [1, 0], "fraction": 0.5}}, "exchange point 5: the branches have points 0..1"),
@@ -186,10 +189,6 @@ def test_the_search_script_ranks_policies_of_branches_with_lcps_head_and_a_head_
     """benchmarks/sepnn_search.py end to end on generated images (a real teacher, the pipeline's fit, the
     ranking): with --head the supernet's branches are LCP's size, the record says so, and a SepNN config
     with ``head: true`` starts from its weights while one without the head is refused."""
-    import json
-    import subprocess
-    import sys
-
     from methods.sepnn import start_from
     from pipeline.cli import main
     from tests.conftest import ROOT, TINY
