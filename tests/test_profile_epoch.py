@@ -22,5 +22,7 @@ def test_one_column_per_setting_and_each_pool_built_once_for_all_its_precisions(
                                        "pool, V = 2, bf16-mixed |"]
     cells = next(line for line in lines if line.startswith("| pool build")).strip("| ").split(" | ")[1:]
     assert cells[:2] == ["-", "-"] and cells[2].endswith("MiB") and cells[3] == "(the same pool)"
-    teacher = next(line for line in lines if line.startswith("| teacher forward")).split(" | ")[1:]
-    assert all(not c.startswith("0.0 s") for c in teacher[:2]) and all(c.startswith("0.0 s") for c in teacher[2:])
+    # the pool's columns never call the teacher (the live ones' time is not asserted: on generated 16 px images
+    # it rounds to 0.0 s on a fast machine)
+    teacher = next(line for line in lines if line.startswith("| teacher forward")).strip(" |").split(" | ")[1:]
+    assert teacher[2:] == ["0.0 s (0%)", "0.0 s (0%)"]
