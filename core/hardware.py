@@ -6,22 +6,23 @@ import platform
 from pathlib import Path
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what the platform module knows."""
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line's value in Linux's /proc/cpuinfo (None elsewhere or when absent)."""
     try:
         return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
+                    if line.startswith(field))
     except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+        return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what the platform module knows."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_vendor() -> str:
-    """The CPU's vendor id (Linux /proc/cpuinfo: ``AuthenticAMD``, ``GenuineIntel``), else ``""``."""
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("vendor_id"))
-    except (OSError, StopIteration):
-        return ""
+    """The CPU's vendor id (``AuthenticAMD``, ``GenuineIntel``; Linux /proc/cpuinfo), else ``""``."""
+    return _cpuinfo("vendor_id") or ""
 
 
 def memory_bytes() -> int:
