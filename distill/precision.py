@@ -2,11 +2,11 @@
 
 Measured (benchmarks/README.md): on AMD EPYCs with AVX-512 BF16, bf16-mixed made a NoNN step 1.7-2.0x
 faster and a whole standard epoch 1.30x (live teacher) and 1.43x (teacher pool) faster, and 15 epochs
-from the pool in bf16 came within 0.15 pp of the live fp32 rows; on an Intel Xeon with AVX-512 BF16 but no AMX it made 3-epoch
-distillations 1.15x *slower*; on an AVX2-only EPYC (oneDNN emulates bf16) 10x slower. So on a CPU
-``auto`` picks bf16 where AMX does the work or on an AMD CPU with AVX-512 BF16; elsewhere bf16 is
-opt-in (``bf16-mixed``) after measuring with ``benchmarks/profile_epoch.py --precisions``. On a GPU
-``auto`` picks bf16 wherever it is supported.
+from the pool in bf16 came within 0.15 pp of the live fp32 rows; on an Intel Xeon with AVX-512 BF16
+but no AMX it made 3-epoch distillations 1.15x *slower*; on an AVX2-only EPYC (oneDNN emulates bf16)
+10x slower. So on a CPU ``auto`` picks bf16 where AMX does the work or on an AMD CPU with AVX-512
+BF16; elsewhere bf16 is opt-in (``bf16-mixed``) after measuring with ``benchmarks/profile_epoch.py
+--precisions``. On a GPU ``auto`` picks bf16 wherever it is supported.
 """
 from __future__ import annotations
 

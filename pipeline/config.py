@@ -57,8 +57,8 @@ DEFAULTS: dict[str, Any] = {
                                      # (Lightning calls them "devices"; here a device is always an IoT node)
         "strategy": "auto",          # ddp: data-parallel, one process per CPU core group or GPU, each its own shard of the data
         "num_nodes": 1,
-        "precision": "32-true",      # auto = bf16-mixed where the hardware computes bf16 natively, else 32-true;
-                                     # bf16 asked for on hardware without it falls back to 32-true (warning)
+        "precision": "32-true",      # auto = bf16-mixed where bf16 was measured faster (distill/precision.py),
+                                     # else 32-true; bf16 asked for without native bf16 falls back to 32-true (warning)
         "channels_last": True,
         "deterministic": True,       # deterministic algorithms: the same command on the same machine, the same numbers
         "num_threads": None,         # torch CPU threads; default: torch's choice
